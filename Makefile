@@ -1,0 +1,27 @@
+# Two entry points: `make demo` (the main job on the embedded default) and `make test`.
+# Both create ./.venv on first use and install what they need into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# CPU torch from local disk when no torch is present; an existing (e.g. CUDA) build is kept.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,serve,video]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ovis25.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

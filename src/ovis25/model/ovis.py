@@ -14,13 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import OvisConfig
+from ..constants import IGNORE_ID, IMAGE_TOKEN_ID, INDICATOR_IDS, VIDEO_TOKEN_ID, VISUAL_ATOM_ID
 from .llm import AttnContext, Qwen3ForCausalLM
 from .vision import VisualTokenizer, num_visual_atoms
 
-IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = -200, -201
-VISUAL_ATOM_ID = -300
-INDICATOR_IDS = (-301, -302, -303, -304)  # image start, image end, video start, video end
 
 
 @dataclass
@@ -71,10 +68,10 @@ class Ovis(nn.Module):
                          grid_thws: torch.Tensor | None = None,
                          visual_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with visual atoms and indicators put in place, without in-place ops."""
-        if ((input_ids == IMAGE_PLACEHOLDER) | (input_ids == VIDEO_PLACEHOLDER)).any():
+        if ((input_ids == IMAGE_TOKEN_ID) | (input_ids == VIDEO_TOKEN_ID)).any():
             raise ValueError("input_ids still contain <image>/<video> placeholders (-200/-201); "
                              "expand them with the Processor first")
-        bad = (input_ids < 0) & (input_ids != VISUAL_ATOM_ID) & ((input_ids > -301) | (input_ids < -304))
+        bad = (input_ids < 0) & (input_ids != VISUAL_ATOM_ID) & ((input_ids > INDICATOR_IDS[0]) | (input_ids < INDICATOR_IDS[-1]))
         if bad.any():
             raise ValueError(f"input_ids contain unknown negative id(s) {sorted(set(input_ids[bad].tolist()))}")
         vocab = self.config.llm_config.vocab_size
@@ -143,4 +140,4 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     """Next-token cross entropy; labels are not shifted (position i predicts labels[i+1])."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_ID, reduction=reduction)

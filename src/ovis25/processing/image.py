@@ -160,14 +160,14 @@ def patchify(
         pad = temporal_patch_size - len(x) % temporal_patch_size
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
     frames_total, height, width, channels = x.shape
-    t, gh, gw, m, ps = frames_total // temporal_patch_size, height // patch_size, width // patch_size, hidden_stride, patch_size
+    ps, m, tps = patch_size, hidden_stride, temporal_patch_size
+    t, gh, gw = frames_total // tps, height // ps, width // ps
 
-    x = x.reshape(t, temporal_patch_size, gh // m, m, ps, gw // m, m, ps, channels)
+    x = x.reshape(t, tps, gh // m, m, ps, gw // m, m, ps, channels)
     # -> t, group row, group col, row in group, col in group, channel, time, patch row, patch col
     x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    pixel_values = torch.from_numpy(np.ascontiguousarray(x).reshape(t * gh * gw, channels * temporal_patch_size * ps * ps))
-    grid_thw = torch.tensor([[t, gh, gw]], dtype=torch.long)
-    return pixel_values, grid_thw
+    pixel_values = torch.from_numpy(np.ascontiguousarray(x).reshape(t * gh * gw, channels * tps * ps * ps))
+    return pixel_values, torch.tensor([[t, gh, gw]], dtype=torch.long)
 
 
 def preprocess_image(
@@ -196,6 +196,7 @@ def preprocess_image(
 
 
 def check_geometry(patch_size: int, hidden_stride: int, temporal_patch_size: int) -> None:
-    for field, value in (("patch_size", patch_size), ("hidden_stride", hidden_stride), ("temporal_patch_size", temporal_patch_size)):
+    for field, value in zip(("patch_size", "hidden_stride", "temporal_patch_size"),
+                            (patch_size, hidden_stride, temporal_patch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")

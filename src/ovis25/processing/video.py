@@ -53,7 +53,7 @@ def sample_indices(total: int, num_frames: int) -> list[int]:
     """`num_frames` indices spread evenly over [0, total), first and last frame included."""
     if total <= num_frames:
         return list(range(total))
-    return sorted(set(np.linspace(0, total - 1, num_frames).round().astype(int).tolist()))
+    return np.linspace(0, total - 1, num_frames).round().astype(int).tolist()  # step > 1: no duplicates
 
 
 def read_video(path: str | os.PathLike, num_frames: int = 8) -> list[Image.Image]:
@@ -65,7 +65,7 @@ def read_video(path: str | os.PathLike, num_frames: int = 8) -> list[Image.Image
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
 
-    def decode(wanted: set[int] | None) -> tuple[dict[int, Image.Image], int]:
+    def decode(wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
         """Decode the whole stream, keeping only frames in `wanted`; also return the decoded count."""
         kept, count = {}, 0
         try:
@@ -73,8 +73,8 @@ def read_video(path: str | os.PathLike, num_frames: int = 8) -> list[Image.Image
                 if not container.streams.video:
                     raise ValueError(f"video {os.fspath(path)!r}: the file has no video stream")
                 for frame in container.decode(container.streams.video[0]):
-                    if wanted is None or count in wanted:
-                        kept[count] = frame.to_image()
+                    if count in wanted:
+                        kept[count] = frame.to_image()  # RGB
                     count += 1
         except (av.FFmpegError, OSError) as e:
             raise ValueError(f"video {os.fspath(path)!r}: cannot decode: {e}") from e
@@ -95,4 +95,4 @@ def read_video(path: str | os.PathLike, num_frames: int = 8) -> list[Image.Image
         kept, count = decode(set(indices))
     if not kept:
         raise ValueError(f"video {os.fspath(path)!r}: no frames could be decoded")
-    return [kept[i].convert("RGB") for i in indices]
+    return [kept[i] for i in indices]

@@ -102,11 +102,15 @@ class Ovis(nn.Module):
                 grid_thws: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                logits_to_keep: int = 0, output_hidden_states: bool = False) -> OvisOutput:
+                logits_to_keep: int = 0, output_hidden_states: bool = False,
+                targets: torch.Tensor | None = None) -> OvisOutput:
         """input_ids (B, L) with negative placeholders. `attention_mask` (B, L) marks padding (1 = real).
 
         Packed training passes B=1 with `cu_seqlens` (sequence offsets) and per-sample `position_ids`.
         `logits_to_keep` > 0 computes logits for the last that many positions only.
+        `labels` gives the reference's mean next-token loss (labels shifted here). `targets` (already shifted,
+        IGNORE_ID elsewhere) gives the *summed* cross entropy over supervised positions only, computing no
+        other logits (training: the trainer normalises by the global number of supervised tokens).
         """
         if inputs_embeds is None:
             inputs_embeds = self.merge_embeddings(input_ids, pixel_values, grid_thws)
@@ -123,6 +127,11 @@ class Ovis(nn.Module):
             position_ids = torch.arange(n, device=inputs_embeds.device).expand(b, n)
         out = self.llm(inputs_embeds, position_ids, ctx, output_hidden_states=output_hidden_states)
         hidden, states = out if output_hidden_states else (out, None)
+        if targets is not None:
+            keep = targets != IGNORE_ID
+            logits = self.llm.lm_head(hidden[keep]).float()
+            loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+            return OvisOutput(logits=None, loss=loss, hidden_states=states)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.llm.lm_head(hidden)

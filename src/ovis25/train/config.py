@@ -1,0 +1,119 @@
+"""Training configuration: one dataclass, read from a TOML recipe, overridable with `key=value`.
+
+Recipes may group keys in tables ([model], [data], [optim], [run]); the tables are flattened, so every
+key is unique and `lr=3e-4` on the command line overrides it wherever it was written.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    # model and run
+    init: str = ""                         # checkpoint directory to start from (official layout)
+    out_dir: str = "runs/exp"
+    phase: str = "p3"                      # p1 | p2 | p3 | dpo | grpo
+    # data
+    datainfo: str = ""
+    datasets: list[str] = field(default_factory=list)   # names from the datainfo, optionally `name:ratio`
+    max_tokens: int = 4096                 # packed sequence length, also the per-sample limit
+    max_samples_per_pack: int | None = None
+    on_bad_sample: str = "skip"            # skip (count and log) | fail
+    num_workers: int = 0
+    num_frames: int = 8
+    single_image_min_pixels: int | None = None   # None: the phase preset
+    single_image_max_pixels: int | None = None
+    multiple_image_min_pixels: int | None = None
+    multiple_image_max_pixels: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    # optimisation
+    train_modules: str | None = None       # official syntax `llm:2e-5|visual_tokenizer|vte`; None: phase preset
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    epochs: int = 1
+    max_steps: int | None = None
+    grad_accum: int = 1                    # packed sequences per rank per optimizer step
+    seed: int = 0
+    reinit_vet: bool | None = None         # None: True for p1
+    vet_init_mean: float = 0.0
+    vet_init_std: float = 0.02
+    on_nan: str = "skip"                   # skip the step | stop the run
+    # system
+    parallel: str = "auto"                 # auto | none | ddp | fsdp
+    param_dtype: str = "float32"           # FSDP2 mixed precision: bfloat16 params, float32 reduce
+    activation_checkpointing: bool = False
+    compile: bool = False
+    save_every: int = 0                    # steps between checkpoints (0: only at the end)
+    keep_last: int = 2
+    log_every: int = 1
+    export: bool = True                    # write `final/` in the official checkpoint format
+    progress: bool = True
+    # DPO / GRPO keys live in their own modules' configs but share this file's recipe
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.init:
+            raise ValueError("recipe: `init` (the checkpoint directory to start from) is required")
+        for name, allowed in (("on_bad_sample", ("skip", "fail")), ("on_nan", ("skip", "stop")),
+                              ("parallel", ("auto", "none", "ddp", "fsdp")),
+                              ("param_dtype", ("float32", "bfloat16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"recipe: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("max_tokens", "grad_accum", "epochs", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe: {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("recipe: need lr > 0, 0 <= min_lr_ratio <= 1, 0 <= warmup_ratio < 1")
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """TOML recipe (tables flattened) + `key=value` overrides; unknown keys go to `extra`."""
+    flat: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"recipe {path}: {e}") from None
+        for key, value in data.items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if k in flat:
+                        raise ValueError(f"recipe {path}: key {k!r} appears in two tables")
+                    flat[k] = v
+            else:
+                flat[key] = value
+        base = path.parent
+        for key in ("init", "datainfo"):  # paths in a recipe are relative to the recipe file
+            if isinstance(flat.get(key), str) and flat[key] and not Path(flat[key]).is_absolute() \
+                    and (base / flat[key]).exists():
+                flat[key] = str(base / flat[key])
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"override {item!r} is not key=value")
+        flat[key.strip()] = _parse_value(value.strip())
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
+    known = {k: v for k, v in flat.items() if k in names}
+    cfg = TrainConfig(**known, extra={k: v for k, v in flat.items() if k not in names})
+    return cfg

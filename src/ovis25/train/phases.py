@@ -1,0 +1,88 @@
+"""The training curriculum: which parameters each phase trains, and at which learning rate.
+
+Trainable modules use the official syntax: `llm:2e-5|visual_tokenizer|vte` — module paths separated by
+`|`, each with an optional `:lr` overriding the base learning rate. Paths are attribute paths into the
+model; negative list indices count from the end (`visual_tokenizer.vit.vision_model.encoder.layers.-1`
+is the last ViT block). `all` selects the whole model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+LAST_VIT_BLOCK = "visual_tokenizer.vit.vision_model.encoder.layers.-1"
+
+# Phase presets (Ovis2.5 report, section 3): P1 trains only the last ViT block, the head and the VET.
+PHASES = {
+    "p1": {"train_modules": f"{LAST_VIT_BLOCK}|visual_tokenizer.head|vte", "pixels": (448 * 448, 896 * 896),
+           "data_format": "caption"},
+    "p2": {"train_modules": "all", "pixels": (448 * 448, 1792 * 1792), "data_format": "conversation"},
+    "p3": {"train_modules": "all", "pixels": (448 * 448, 1792 * 1792), "data_format": "conversation"},
+}
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    module = model
+    for part in path.split("."):
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and part.lstrip("-").isdigit():
+            index = int(part)
+            if not -len(module) <= index < len(module):
+                raise ValueError(f"train_modules: index {index} out of range in {path!r}")
+            module = module[index]
+        elif hasattr(module, part) and isinstance(getattr(module, part), nn.Module):
+            module = getattr(module, part)
+        else:
+            raise ValueError(f"train_modules: {path!r} does not name a module of the model (failed at {part!r})")
+    return module
+
+
+def parse_train_modules(spec: str, base_lr: float) -> list[tuple[str, float]]:
+    entries = []
+    for item in spec.split("|"):
+        item = item.strip()
+        if not item:
+            continue
+        path, _, lr = item.partition(":")
+        try:
+            entries.append((path.strip(), float(lr) if lr else base_lr))
+        except ValueError:
+            raise ValueError(f"train_modules: bad learning rate {lr!r} in {item!r}") from None
+    if not entries:
+        raise ValueError("train_modules selects nothing")
+    return entries
+
+
+def select_trainable(model: nn.Module, spec: str, base_lr: float) -> dict[str, float]:
+    """Freeze everything, unfreeze the named modules; returns {parameter name: learning rate}."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lrs: dict[str, float] = {}
+    for path, lr in parse_train_modules(spec, base_lr):
+        module = model if path == "all" else resolve_module(model, path)
+        for p in module.parameters():
+            p.requires_grad_(True)
+            lrs[names[id(p)]] = lr  # later entries win, so `all|vte:1e-3` gives the VET its own rate
+    return lrs
+
+
+def param_groups(model: nn.Module, lrs: dict[str, float], weight_decay: float) -> list[dict]:
+    """AdamW groups by (learning rate, decay): no decay for biases, norms and embedding tables."""
+    groups: dict[tuple[float, float], list] = {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if name not in lrs or id(p) in seen:
+            continue
+        seen.add(id(p))
+        no_decay = p.ndim < 2 or "norm" in name or "embed" in name or name.startswith("vte")
+        key = (lrs[name], 0.0 if no_decay else weight_decay)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+@torch.no_grad()
+def reinit_vet(model: nn.Module, mean: float, std: float, seed: int) -> None:
+    """P1 starts from a freshly drawn visual embedding table."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = model.vte.weight
+    w.copy_(torch.randn(w.shape, generator=g).mul_(std).add_(mean).to(w.dtype))

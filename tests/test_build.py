@@ -4,6 +4,7 @@ Also the Qwen3 reference-parity test: our LLM against transformers' Qwen3ForCaus
 """
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -25,8 +26,10 @@ GRID = 4  # learned position grid side: image_size = GRID * PATCH, NaFlex num_pa
 QWEN = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
 VOCAB = 24  # visual vocabulary of the built model (20 head outputs + 4 indicators)
-VISION_KINDS = ["siglip_vision", "siglip_full"] + (["siglip2_naflex"] if hasattr(transformers, "Siglip2VisionModel")
-                                                   else [])
+VISION_KINDS = ["siglip_vision", "siglip_full"] + (["siglip2_naflex", "siglip2_full"]
+                                                   if hasattr(transformers, "Siglip2VisionModel") else [])
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -43,14 +46,16 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 def make_vision(root, kind: str):
     """Save a random HF vision checkpoint; returns (dir, model)."""
+    # full models (SiglipModel / Siglip2Model): the text tower and logit scale/bias must be skipped
     if kind == "siglip2_naflex":
         model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**VISION, num_patches=GRID ** 2))
+    elif kind == "siglip2_full":
+        model = transformers.Siglip2Model(transformers.Siglip2Config(
+            vision_config=dict(VISION, num_patches=GRID ** 2), text_config=TEXT))
     elif kind == "siglip_vision":
         model = SiglipVisionModel(SiglipVisionConfig(**VISION, image_size=GRID * PATCH))
-    else:  # full SiglipModel: the text tower and logit scale/bias must be skipped
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50,
-                    bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        model = SiglipModel(SiglipConfig(vision_config=dict(VISION, image_size=GRID * PATCH), text_config=text))
+    else:
+        model = SiglipModel(SiglipConfig(vision_config=dict(VISION, image_size=GRID * PATCH), text_config=TEXT))
     randomize(model, 1)
     path = root / kind
     model.save_pretrained(path)
@@ -109,7 +114,7 @@ def test_copied_tensors_equal_source(parts, kind, llm):
     ours = model.state_dict()
     expected = vision_state(vmodel) | {"llm." + k: v for k, v in lmodel.state_dict().items()}
     patch = VISION_PREFIX + "embeddings.patch_embedding.weight"
-    if kind == "siglip2_naflex":  # Linear over (p, p, C) rows -> Conv2d (D, C, p, p)
+    if kind.startswith("siglip2"):  # Linear over (p, p, C) rows -> Conv2d (D, C, p, p)
         d = expected[patch].shape[0]
         expected[patch] = expected[patch].view(d, PATCH, PATCH, 3).permute(0, 3, 1, 2)
     for name, t in expected.items():
@@ -147,10 +152,25 @@ def test_qwen3_logits_match_transformers(parts, llm):
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
+def test_transformers4_qwen3_config_layout(parts, tmp_path):
+    """Older config.json: top-level rope_theta, no rope_parameters, tie_word_embeddings left to its default."""
+    ldir, hf = parts["untied"]
+    shutil.copytree(ldir, tmp_path / "v4")
+    config = json.loads((ldir / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    del config["tie_word_embeddings"]  # transformers' Qwen3Config defaults to untied
+    (tmp_path / "v4" / "config.json").write_text(json.dumps({**config, "rope_theta": rope["rope_theta"]}))
+    model = build_from_parts(parts["siglip_vision"][0], tmp_path / "v4", visual_vocab_size=VOCAB)
+    assert not model.config.llm_config.tie_word_embeddings
+    ids = torch.randint(0, QWEN["vocab_size"], (1, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(input_ids=ids).logits).abs().max().item() <= 1e-5
+
+
 # On the learned grid no resizing happens; a 2x6 grid checks our bicubic resize against SigLIP's own
 # interpolate_pos_encoding (NaFlex resizes bilinearly with antialias, unlike Ovis, so only the learned grid).
 SIZES = [(kind, GRID * PATCH, GRID * PATCH) for kind in VISION_KINDS] + \
-    [(kind, 2 * PATCH, 6 * PATCH) for kind in VISION_KINDS if kind != "siglip2_naflex"]
+    [(kind, 2 * PATCH, 6 * PATCH) for kind in VISION_KINDS if not kind.startswith("siglip2")]
 
 
 @pytest.mark.parametrize("kind,height,width", SIZES)
@@ -162,7 +182,7 @@ def test_patch_and_position_embeddings_match_hf(parts, kind, height, width):
     with torch.no_grad():
         ours = model.visual_tokenizer.vit.vision_model.embeddings(patch_rows(image), grid)
         emb = vision_tower(hf).embeddings
-        if kind == "siglip2_naflex":
+        if kind.startswith("siglip2"):
             ref = emb(naflex_patches(image)[None], torch.tensor([[height // PATCH, width // PATCH]]))
         else:
             ref = emb(image[None], interpolate_pos_encoding=True)
@@ -224,10 +244,16 @@ def test_errors(parts, tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         build_from_parts(vdir, no_config)
 
+    # a field left out means transformers' default (hidden_size 768), which the weights then contradict
     incomplete = tmp_path / "incomplete"
-    incomplete.mkdir()
+    shutil.copytree(vdir, incomplete)
     vconfig = json.loads((vdir / "config.json").read_text())
     del vconfig["hidden_size"]
     (incomplete / "config.json").write_text(json.dumps(vconfig))
-    with pytest.raises(ConfigError, match="missing required field.*hidden_size"):
+    with pytest.raises(CheckpointError, match=r"has shape \(32.*the config expects \(768"):
         build_from_parts(incomplete, ldir)
+
+    del config["hidden_size"]
+    (reshaped / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="missing required field.*hidden_size"):
+        build_from_parts(vdir, reshaped)

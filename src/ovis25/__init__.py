@@ -2,7 +2,8 @@
 from .config import OvisConfig, Qwen3Config, VisionConfig
 from .model import Ovis
 
-__all__ = ["Ovis", "OvisConfig", "Qwen3Config", "VisionConfig", "Processor", "build_from_parts", "Chat", "GenerationResult"]
+__all__ = ["Ovis", "OvisConfig", "Qwen3Config", "VisionConfig", "Processor", "build_from_parts", "Chat",
+           "GenerationResult"]
 __version__ = "0.1.0"
 
 

@@ -31,8 +31,10 @@ _VISION_TYPES = {"siglip_vision_model": False, "siglip2_vision_model": True}  # 
 _FULL_TYPES = {"siglip": False, "siglip2": True}
 # Source-model fields that would describe the wrong thing in an Ovis `vit_config`.
 _VISION_DROP = ("architectures", "model_type", "vision_use_head", "num_patches")
-# Defaults of transformers' Qwen3Config where they differ from ours (which follow the released Ovis2.5),
-# applied when a Qwen3 config.json leaves the field out.
+# transformers' defaults for fields a config.json may leave out (older versions save only non-defaults),
+# where ours (which follow the released Ovis2.5) differ: a config means what transformers reads from it.
+_SIGLIP_HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                       "num_attention_heads": 12, "patch_size": 16, "image_size": 224}
 _QWEN3_HF_DEFAULTS = {"tie_word_embeddings": False, "rope_theta": 10000.0, "max_position_embeddings": 32768}
 
 
@@ -62,13 +64,13 @@ def vision_config_from_hf(path: Path, **ovis_fields) -> tuple[VisionConfig, bool
     else:
         raise ConfigError(f"{path / 'config.json'}: model_type {top!r} is not a SigLIP/SigLIP2 model "
                           f"(expected one of {sorted(_VISION_TYPES) + sorted(_FULL_TYPES)})")
-    data = {k: v for k, v in cfg.items() if k not in _VISION_DROP}
+    data = _SIGLIP_HF_DEFAULTS | {k: v for k, v in cfg.items() if k not in _VISION_DROP}
     if naflex:  # NaFlex has a learned table of num_patches positions (a square grid), no image_size
         n = cfg.get("num_patches", 256)  # transformers' Siglip2VisionConfig default
         side = math.isqrt(n)
         if side * side != n:
             raise ConfigError(f"{path / 'config.json'}: num_patches {n} is not a square grid")
-        data["image_size"] = side * cfg.get("patch_size", 16)
+        data["image_size"] = side * data["patch_size"]
     data.update(ovis_fields, temporal_patch_size=1, preserve_original_pe=True, use_rope=True, num_patches=-1,
                 model_type="siglip2_navit")
     try:

@@ -77,20 +77,22 @@ class Chat:
         """Answer text deltas (same options as `generate`); they join to the final `text`, which is then in
         `self.last_result` (with thinking on, a reply that never closes </think> arrives in one last delta,
         as the reference counts it as the answer)."""
-        config, pixels = self._options(options)
-        prompt = self._prompt(conversation, images, videos, config.enable_thinking, **pixels)
+        config, pixels = self._options(options)  # bad arguments raise here, not at the first next()
+        return self._stream(self._prompt(conversation, images, videos, config.enable_thinking, **pixels), config)
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    def _stream(self, prompt: dict, config: GenerationConfig) -> Iterator[str]:
         engine = self._engine_for([prompt], config)
         rid = engine.add_request(prompt["input_ids"], prompt["pixel_values"], prompt["grid_thws"], config)
         try:
-            for out in engine.run_until_done():
+            for out in engine.stream(rid):
                 if out.text:
                     yield out.text
                 if out.finished:
                     self.last_result = out.result
         finally:  # the caller may stop iterating early
             engine.abort(rid)
-
-    # ---- helpers -------------------------------------------------------------------------------------
 
     def _options(self, options: dict) -> tuple[GenerationConfig, dict]:
         pixels = {name: default if (value := options.pop(name, None)) is None else value
@@ -130,8 +132,8 @@ class Chat:
             reply = max(reply, config.thinking_budget + len(self.processor.tokenizer.encode(EARLY_STOP_TEXT)))
         need = max(p["input_ids"].numel() for p in prompts) + reply
         engine = self.engine
-        if engine is None or engine.max_len < need or len(engine.cache.lengths) < len(prompts):
-            slots = max(len(prompts), 0 if engine is None else len(engine.cache.lengths))
+        if engine is None or engine.max_len < need or engine.max_batch_size < len(prompts):
+            slots = max(len(prompts), 0 if engine is None else engine.max_batch_size)
             max_len = -(-need // _CACHE_ROUNDING) * _CACHE_ROUNDING
             self.engine = engine = Engine(self.model, self.processor.tokenizer, max_batch_size=slots, max_len=max_len)
         return engine

@@ -12,7 +12,8 @@ Finished requests free their slot at once, so new requests can join between any 
 Reference behaviour reproduced by default (`Ovis.chat`): greedy, eos = `llm_config.eos_token_id`, no
 repetition penalty, result text = `decode(ids, skip_special_tokens=True).strip()`, and the two-phase
 thinking budget including its quirks (see `Engine._end_thinking_phase`). One quirk is not reproduced: the
-reference's second phase masks any `<|endoftext|>` (its pad id) that phase 1 generated.
+reference masks every `<|endoftext|>` (its pad id) in the ids it is given -- the prompt, and in phase 2 also
+the ids phase 1 generated -- and shifts the positions after it; here every id is attended to.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +34,9 @@ from .model.ovis import INDICATOR_IDS, VISUAL_ATOM_ID, Ovis
 EARLY_STOP_TEXT = ("\n\nConsidering the limited time by the user, I have to give the solution based on the "
                    "thinking directly now.\n</think>\n\n")
 THINK_END, IM_END = "</think>", "<|im_end|>"
+
+if TYPE_CHECKING:  # the engine itself needs no image libraries
+    from .processing.tokenizer import Tokenizer
 
 
 # ---- parameters and results ---------------------------------------------------------------------------
@@ -147,7 +152,7 @@ class IncrementalDecoder:
     the decode of all ids.
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.pending: list[int] = []
@@ -170,7 +175,7 @@ class _Channel:
     """One text stream (thinking or answer): incremental decode, stop strings, and strip-aware emission so
     that the streamed deltas always form a prefix of the final stripped text."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
+    def __init__(self, tokenizer: "Tokenizer", stops: tuple[str, ...]):
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = stops
         self.hold = max(map(len, stops), default=1) - 1  # a stop string may still be completing here
@@ -187,7 +192,7 @@ class _Channel:
             self.stopped = True
 
     def take(self) -> str:
-        visible = self.raw if self.stopped else self.raw[:len(self.raw) - self.hold]
+        visible = self.raw if self.stopped else self.raw[:max(0, len(self.raw) - self.hold)]
         text = visible.strip()  # leading whitespace dropped, trailing held until more text follows
         delta, self.emitted = text[len(self.emitted):], text
         return delta
@@ -253,9 +258,10 @@ class Engine:
     rid = engine.add_request(input_ids, pixel_values, grid_thws, GenerationConfig(max_new_tokens=64))
     while engine.has_unfinished():
         for out in engine.step(): ...           # RequestOutput: deltas, and `result` once finished
+    or, for one request at a time: `for out in engine.stream(rid)`, or `engine.generate(prompts, configs)`.
     """
 
-    def __init__(self, model: Ovis, tokenizer, max_batch_size: int = 8, max_len: int = 4096,
+    def __init__(self, model: Ovis, tokenizer: "Tokenizer", max_batch_size: int = 8, max_len: int = 4096,
                  eos_token_ids: int | Iterable[int] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -272,12 +278,13 @@ class Engine:
         weight = model.llm.lm_head.weight
         self.device = weight.device
         self.cache = KVCache(llm_config, max_batch_size, max_len, weight.dtype, weight.device)
-        self.max_len = max_len
+        self.max_batch_size, self.max_len = max_batch_size, max_len
         self.free_slots = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._backlog: dict[int | str, list[RequestOutput]] = {}  # outputs stepped out for another stream()
 
     # -- public API --
 
@@ -323,6 +330,7 @@ class Engine:
             if r.id == request_id:
                 self._finish(r, "abort")
         self.running = [r for r in self.running if r.finish_reason is None]
+        self._backlog.pop(request_id, None)
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -341,8 +349,13 @@ class Engine:
             self.cache.reset([r.slot])
             admitted.append(r)
         if admitted:
+            try:
+                logits = self._prefill(admitted)
+            except Exception:  # drop these prompts but keep the engine usable for the others
+                self.free_slots += [r.slot for r in admitted]
+                raise
             self.running += admitted
-            outputs += self._accept_all(admitted, self._prefill(admitted))
+            outputs += self._accept_all(admitted, logits)
         self.running = [r for r in self.running if r.finish_reason is None]
         return outputs
 
@@ -356,15 +369,22 @@ class Engine:
             raise ValueError(f"got {len(configs)} configs for {len(prompts)} prompts")
         ids = [self.add_request(p["input_ids"], p.get("pixel_values"), p.get("grid_thws"), c)
                for p, c in zip(prompts, configs)]
-        results = {}
-        for out in self.run_until_done():
-            if out.finished:
-                results[out.request_id] = out.result
-        return [results[i] for i in ids]
+        return [out.result for i in ids for out in self.stream(i) if out.finished]
 
-    def run_until_done(self) -> Iterator[RequestOutput]:
-        while self.has_unfinished():
-            yield from self.step()
+    def stream(self, request_id: int | str) -> Iterator[RequestOutput]:
+        """One request's outputs until it finishes (or is aborted), stepping the engine as needed. Outputs
+        of other requests produced meanwhile are kept for their own `stream()`, so streams can interleave."""
+        while True:
+            outputs = self._backlog.pop(request_id, [])
+            if not outputs:
+                if not any(r.id == request_id for r in itertools.chain(self.waiting, self.running)):
+                    return
+                for out in self.step():
+                    self._backlog.setdefault(out.request_id, []).append(out)
+            for out in outputs:
+                yield out
+                if out.finished:
+                    return
 
     # -- forwards --
 

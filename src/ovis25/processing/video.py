@@ -20,6 +20,11 @@ from .image import (
     resize_frames,
 )
 
+# The official Ovis2.5 video example: 8 uniformly sampled frames, each resized within max_pixels=896*896
+# (min_pixels stays at its default).
+VIDEO_NUM_FRAMES = 8
+VIDEO_MAX_PIXELS = 896 * 896
+
 
 def preprocess_video(
     frames: Sequence[ImageInput],
@@ -56,7 +61,7 @@ def sample_indices(total: int, num_frames: int) -> list[int]:
     return np.linspace(0, total - 1, num_frames).round().astype(int).tolist()  # step > 1: no duplicates
 
 
-def read_video(path: str | os.PathLike, num_frames: int = 8) -> list[Image.Image]:
+def read_video(path: str | os.PathLike, num_frames: int = VIDEO_NUM_FRAMES) -> list[Image.Image]:
     """Decode a video file and return `num_frames` uniformly sampled RGB frames (all if it has fewer)."""
     try:
         import av

@@ -73,10 +73,14 @@ def load_datainfo(path: str | Path, names: list[str] | None = None) -> list[Data
     return specs
 
 
-def read_samples(meta_file: str | Path) -> list[dict]:
-    """A JSON list or JSONL file; a malformed JSONL line is reported with its line number."""
+def read_samples(meta_file: str | Path) -> list[dict | DataError]:
+    """A JSON list or JSONL file. A malformed JSONL line becomes a DataError naming its line number, in
+    place of the sample, so one bad line costs one sample; a malformed JSON list fails as a whole."""
     meta_file = Path(meta_file)
-    text = meta_file.read_text()
+    try:
+        text = meta_file.read_text()
+    except OSError as e:
+        raise DataError("missing_file", f"cannot read {meta_file}: {e}") from None
     if text.lstrip().startswith("["):
         try:
             samples = json.loads(text)
@@ -89,11 +93,9 @@ def read_samples(meta_file: str | Path) -> list[dict]:
                 try:
                     samples.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise DataError("malformed_json", f"{meta_file}: line {n}: invalid JSON ({e.msg})") from None
-    for i, s in enumerate(samples):
-        if not isinstance(s, dict):
-            raise DataError("malformed_json", f"{meta_file}: sample {i} is not a JSON object")
-    return samples
+                    samples.append(DataError("malformed_json", f"{meta_file}: line {n}: invalid JSON ({e.msg})"))
+    return [s if isinstance(s, (dict, DataError)) else DataError("malformed_json", f"{meta_file}: sample {i} is "
+                                                                 "not a JSON object") for i, s in enumerate(samples)]
 
 
 @dataclass
@@ -281,11 +283,14 @@ def plan_datasets(specs: list[DatasetSpec], builder: SampleBuilder, seed: int) -
         ok = []
         for i, s in enumerate(samples):
             try:
+                if isinstance(s, DataError):
+                    raise s
                 ok.append(builder.plan(s, spec, i))
             except DataError as e:
+                where = f"{spec.name}[{i}]" + (f" (id {s.get('id')})" if isinstance(s, dict) else "")
                 if builder.on_error == "fail":
-                    raise DataError(e.reason, f"{spec.name}[{i}] (id {s.get('id')}): {e}") from None
-                builder.skips.add(e, f"{spec.name}[{i}] (id {s.get('id')})")
+                    raise DataError(e.reason, f"{where}: {e}") from None
+                builder.skips.add(e, where)
         want = round(spec.ratio * len(ok))
         if want <= len(ok):
             planned += rng.sample(ok, want) if want < len(ok) else ok

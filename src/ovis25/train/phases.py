@@ -63,6 +63,10 @@ def select_trainable(model: nn.Module, spec: str, base_lr: float) -> dict[str, f
         for p in module.parameters():
             p.requires_grad_(True)
             lrs[names[id(p)]] = lr  # later entries win, so `all|vte:1e-3` gives the VET its own rate
+    # post_layernorm is stored in checkpoints but never used (no gradient): keep it out of the optimizer and DDP
+    for name, p in model.visual_tokenizer.vit.vision_model.post_layernorm.named_parameters():
+        p.requires_grad_(False)
+        lrs.pop(f"visual_tokenizer.vit.vision_model.post_layernorm.{name}", None)
     return lrs
 
 

@@ -1,0 +1,159 @@
+"""Write a synthetic world to disk in the official Ovis dataset format, one file set per training phase.
+
+    OUT/world.json             manifest: sizes, files, per-phase dataset names, counts
+    OUT/datainfo.json          {"synth_caption" | "synth_qa" | "synth_think": {meta_file, image_dir, data_format, ...}}
+    OUT/meta/caption.json      P1: [{"id", "image", "caption"}]                   (data_format "caption")
+    OUT/meta/qa.json           P2/P3: [{"id", "task", "image" | "video_frames", "conversations"}]
+    OUT/meta/think.json        P3: as qa, the gpt value is "<think>\\n...\\n</think>\\n\\n" + answer
+    OUT/dpo.jsonl              P4: {"id", "task", visuals, "conversations" (prompt), "chosen", "rejected"}
+    OUT/grpo.jsonl             P5: {"id", "task", visuals, "conversations" (prompt), "answer", "reward"}
+    OUT/test.jsonl             held out: {"id", "task", visuals, "question", "conversations", "answer", "metric"}
+    OUT/images/<split>/<task>/<id>[_k].png
+    OUT/tokenizer/             a BPE trained on the world's text (see ovis25.synth.tokenizer)
+
+Every path inside a file is relative: datainfo paths to the datainfo's folder, image paths to `images/`,
+so a world can be moved. Each (split, task) draws from its own seeded stream, so the same seed gives
+byte-identical files, and no held-out image equals a training image.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from .world import TASKS, Sample, thinking
+
+SPLITS = ("caption", "qa", "think", "dpo", "grpo", "test")
+CAPTIONED = ("count", "attribute", "spatial", "ocr", "chart", "grounding")  # single-image tasks
+PRESETS = {  # samples per task and split
+    "ci": {"caption": 3, "qa": 4, "think": 3, "dpo": 2, "grpo": 2, "test": 3},
+    "tiny": {"caption": 400, "qa": 500, "think": 120, "dpo": 120, "grpo": 120, "test": 50},
+}
+IMAGE_DIR = "images"
+CAPTION_TEMPLATE = "<image>\nDescribe the image."
+SELF_CORRECT = 1 / 3  # share of thinking traces that catch and fix a slip
+DATASETS = {  # datainfo name -> (split, data_format)
+    "synth_caption": ("caption", "caption"), "synth_qa": ("qa", "conversation"), "synth_think": ("think", "conversation"),
+}
+PHASES = {"p1": ["synth_caption"], "p2": ["synth_qa"], "p3": ["synth_qa", "synth_think"], "p4": "dpo.jsonl",
+          "p5": "grpo.jsonl"}
+
+
+def resolve_sizes(sizes: dict | str) -> dict[str, int]:
+    if isinstance(sizes, str):
+        if sizes not in PRESETS:
+            raise ValueError(f"unknown preset {sizes!r}; choose one of {sorted(PRESETS)}")
+        return dict(PRESETS[sizes])
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"sizes: unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+    return {split: int(sizes.get(split, 0)) for split in SPLITS}
+
+
+def fingerprint(image: Image.Image) -> bytes:
+    return hashlib.sha1(repr(image.size).encode() + image.tobytes()).digest()
+
+
+def records(split: str, sid: str, sample: Sample, paths: list[str], rng: random.Random) -> dict:
+    """One line of the split's file, in the official field names."""
+    visuals = {"video_frames": paths} if sample.video else {"image": paths[0] if len(paths) == 1 else paths}
+    prompt = [{"from": "human", "value": sample.prompt}]
+    if split == "caption":
+        return {"id": sid, **visuals, "caption": sample.caption}
+    head = {"id": sid, "task": sample.task, **visuals}
+    if split == "qa":
+        return {**head, "conversations": prompt + [{"from": "gpt", "value": sample.answer}]}
+    if split == "think":
+        answer = thinking(sample, self_correct=rng.random() < SELF_CORRECT)
+        return {**head, "conversations": prompt + [{"from": "gpt", "value": answer}]}
+    if split == "dpo":
+        return {**head, "conversations": prompt, "chosen": sample.answer, "rejected": sample.wrong}
+    if split == "grpo":
+        return {**head, "conversations": prompt, "answer": sample.answer, "reward": sample.metric}
+    return {**head, "question": sample.question, "conversations": prompt, "answer": sample.answer,
+            "metric": sample.metric}
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", tokenizer: bool = True,
+                progress: bool = False) -> dict:
+    """Generate every split, write it under `out_dir` (replacing a previous world there) and return the
+    manifest that is also written to `out_dir/world.json`. `sizes` is a preset name or {split: samples per
+    task}; `tokenizer` also trains the world's BPE into `out_dir/tokenizer`."""
+    sizes = resolve_sizes(sizes)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "world.json").exists():
+        raise FileExistsError(f"{out}: not empty and not a synthetic world; refusing to replace it")
+    tmp = out.with_name(f".{out.name}.tmp")  # built aside and renamed, so a crash leaves no half world
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    plan = [(split, task) for split in SPLITS for task in TASKS
+            if sizes[split] and (split != "caption" or task in CAPTIONED)]
+    rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+    train_images: set[bytes] = set()
+    n_images = 0
+    with tqdm(total=sum(sizes[s] for s, _ in plan), desc="synthetic world", unit="sample",
+              disable=not progress) as bar:
+        for split, task in plan:
+            rng = random.Random(f"ovis25.synth/{seed}/{split}/{task}")  # str seeds are stable across runs
+            for i in range(sizes[split]):
+                sample = TASKS[task](rng)
+                keys = [fingerprint(im) for im in sample.images]
+                while split == "test" and any(k in train_images for k in keys):
+                    sample = TASKS[task](rng)
+                    keys = [fingerprint(im) for im in sample.images]
+                if split != "test":
+                    train_images.update(keys)
+                sid = f"{split}-{task}-{i:05d}"
+                paths = [f"{split}/{task}/{sid}.png"] if len(sample.images) == 1 else \
+                        [f"{split}/{task}/{sid}_{k}.png" for k in range(len(sample.images))]
+                for image, path in zip(sample.images, paths):
+                    (tmp / IMAGE_DIR / path).parent.mkdir(parents=True, exist_ok=True)
+                    image.save(tmp / IMAGE_DIR / path, format="PNG")
+                n_images += len(paths)
+                rows[split].append(records(split, sid, sample, paths, rng))
+                counts[split][task] = i + 1
+                bar.update()
+
+    datainfo = {}
+    for name, (split, data_format) in DATASETS.items():
+        datainfo[name] = {"meta_file": f"meta/{split}.json", "image_dir": IMAGE_DIR, "data_format": data_format}
+        if data_format == "caption":
+            datainfo[name]["caption_template"] = CAPTION_TEMPLATE
+        write_json(tmp / datainfo[name]["meta_file"], rows[split])
+    write_json(tmp / "datainfo.json", datainfo)
+    for split in ("dpo", "grpo", "test"):
+        write_jsonl(tmp / f"{split}.jsonl", rows[split])
+
+    manifest = {
+        "seed": seed, "sizes": sizes, "tasks": list(TASKS), "datainfo": "datainfo.json", "image_dir": IMAGE_DIR,
+        "datasets": {name: {"meta_file": datainfo[name]["meta_file"], "data_format": fmt, "samples": len(rows[split])}
+                     for name, (split, fmt) in DATASETS.items()},
+        "files": {split: f"{split}.jsonl" for split in ("dpo", "grpo", "test")},
+        "phases": PHASES, "counts": counts, "samples": {split: len(rows[split]) for split in SPLITS},
+        "images": n_images,
+    }
+    if tokenizer:
+        manifest["tokenizer"] = "tokenizer"
+    write_json(tmp / "world.json", manifest)
+    if tokenizer:
+        from .tokenizer import train_tokenizer, world_corpus
+        train_tokenizer(world_corpus(tmp), tmp / "tokenizer")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return manifest

@@ -1,0 +1,293 @@
+"""Training stack: packing invariants, phase freezing, loss normalisation, resume, bad data."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, REPO, model_dirs, requires_fixtures
+from ovis25 import Ovis, Processor
+from ovis25.train import load_recipe, train
+from ovis25.train.data import DataError, PixelBudgets, SampleBuilder, load_datainfo, plan_datasets
+from ovis25.train.packing import collate_packed, collate_padded, pack_first_fit
+from ovis25.train.phases import LAST_VIT_BLOCK, param_groups, select_trainable
+
+pytestmark = requires_fixtures
+TINY_BUDGET = ["single_image_min_pixels=1024", "single_image_max_pixels=4096", "multiple_image_min_pixels=1024",
+               "multiple_image_max_pixels=4096", "video_min_pixels=1024", "video_max_pixels=2048"]
+
+
+def tiny_model_dir() -> Path:
+    return next(d for d in model_dirs() if json.loads((d / "config.json").read_text())["llm_config"]
+                ["tie_word_embeddings"])
+
+
+def make_dataset(root: Path, n: int = 16, extra: list[dict] | None = None) -> Path:
+    """Mixed single-image / two-image / text / video samples in the official format."""
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i, (w, h) in enumerate([(40, 30), (64, 64), (30, 90), (100, 50)]):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(img_dir / f"img{i}.png")
+    for f in range(3):
+        Image.fromarray((torch.rand(32, 48, 3, generator=g) * 255).to(torch.uint8).numpy()).save(img_dir / f"f{f}.png")
+    samples = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            s = {"id": i, "image": f"img{i % 4}.png",
+                 "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
+                                   {"from": "gpt", "value": f"Picture {i}."}]}
+        elif kind == 1:
+            s = {"id": i, "image": [f"img{i % 4}.png", f"img{(i + 1) % 4}.png"],
+                 "conversations": [{"from": "human", "value": "<image>\n<image>\nCompare."},
+                                   {"from": "gpt", "value": "<think>\nLook.\n</think>\n\nThey differ."}]}
+        elif kind == 2:
+            s = {"id": i, "conversations": [{"from": "system", "value": "Be brief."},
+                                            {"from": "human", "value": "Say hi"},
+                                            {"from": "gpt", "value": "hi " * (i % 5 + 1)},
+                                            {"from": "human", "value": "Again"}, {"from": "gpt", "value": "hi"}]}
+        else:
+            s = {"id": i, "video_frames": [f"f{f}.png" for f in range(3)],
+                 "conversations": [{"from": "human", "value": "<video>\nWhat moves?"},
+                                   {"from": "gpt", "value": "A square."}]}
+        samples.append(s)
+    samples += extra or []
+    (root / "meta.json").write_text(json.dumps(samples))
+    (root / "datainfo.json").write_text(json.dumps(
+        {"mix": {"meta_file": "meta.json", "image_dir": "images", "data_format": "conversation"}}))
+    return root / "datainfo.json"
+
+
+def built_samples(datainfo: Path, proc: Processor, n: int = 8):
+    budgets = PixelBudgets(1024, 4096, 1024, 4096, 1024, 2048)
+    builder = SampleBuilder(proc, budgets, max_length=512)
+    planned = plan_datasets(load_datainfo(datainfo), builder, seed=0)[:n]
+    return [builder.build(p) for p in planned]
+
+
+def loss_and_grads(model: Ovis, batch: dict) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    out = model(batch["input_ids"], batch["pixel_values"], batch["grid_thws"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"), targets=batch["targets"])
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packed_equals_unpacked_loss_and_gradients(tmp_path):
+    model_dir = tiny_model_dir()
+    proc, model = Processor.from_pretrained(model_dir), Ovis.from_pretrained(model_dir)
+    samples = built_samples(make_dataset(tmp_path), proc)
+    assert {s.grid_thws is None for s in samples} == {True, False}  # text-only and visual samples mixed
+    assert any(s.grid_thws is not None and int(s.grid_thws[0, 0]) > 1 for s in samples)  # a video
+    packed_loss, packed_grads = loss_and_grads(model, collate_packed(samples))
+    one_loss, one_grads = torch.tensor(0.0), {}
+    for s in samples:
+        loss, grads = loss_and_grads(model, collate_packed([s]))
+        one_loss += loss
+        for n, g in grads.items():
+            one_grads[n] = one_grads.get(n, 0) + g
+    padded_loss, padded_grads = loss_and_grads(model, collate_padded(samples, pad_id=0))
+    # tolerance: float32 summation order differs between one packed pass and separate passes
+    torch.testing.assert_close(packed_loss, one_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-4)
+    assert packed_grads.keys() == one_grads.keys() == padded_grads.keys()
+    for n in packed_grads:
+        torch.testing.assert_close(packed_grads[n], one_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(packed_grads[n], padded_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_attention_does_not_leak_across_packed_samples(tmp_path):
+    model_dir = tiny_model_dir()
+    proc, model = Processor.from_pretrained(model_dir), Ovis.from_pretrained(model_dir)
+    samples = built_samples(make_dataset(tmp_path), proc, n=4)
+    batch = collate_packed(samples)
+    kw = dict(position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
+    with torch.no_grad():
+        base = model(batch["input_ids"], batch["pixel_values"], batch["grid_thws"], **kw).logits
+        # change the text and the pixels of the last sample only
+        ids = batch["input_ids"].clone()
+        start = int(batch["cu_seqlens"][-2])
+        text = (ids[0, start:] >= 0).nonzero()[:, 0] + start
+        ids[0, text] = (ids[0, text] + 7) % 500
+        pixels = batch["pixel_values"].clone()
+        last = samples[-1]
+        if last.pixel_values is not None:
+            pixels[-last.pixel_values.shape[0]:] += 1.0
+        changed = model(ids, pixels, batch["grid_thws"], **kw).logits
+    assert torch.equal(base[0, :start], changed[0, :start])
+    assert not torch.allclose(base[0, start:], changed[0, start:])
+
+
+def test_first_fit_packing():
+    bins = pack_first_fit([5, 3, 4, 2, 6, 1], max_tokens=8)
+    assert bins == [[0, 1], [2, 3, 5], [4]]
+    assert pack_first_fit([3, 3, 3], 9, max_samples=2) == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="sample 1 has 10 tokens"):
+        pack_first_fit([1, 10], 8)
+
+
+def test_phase1_trains_only_last_vit_block_head_and_vet(tmp_path):
+    datainfo = make_dataset(tmp_path / "data")
+    cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{tmp_path / "run"}"', f'datainfo="{datainfo}"',
+                             "phase=\"p1\"", "max_tokens=256", "max_steps=2", "lr=1e-2", "progress=false",
+                             *TINY_BUDGET])
+    final = train(cfg)
+    before = load_file(str(tiny_model_dir() / "model.safetensors"))
+    after = load_file(str(final / "model.safetensors"))
+    n_vit = len([k for k in before if k.endswith("layer_norm1.weight")])
+    trained_prefixes = (f"visual_tokenizer.vit.vision_model.encoder.layers.{n_vit - 1}.", "visual_tokenizer.head.",
+                        "vte.")
+    for name, t in before.items():
+        changed = not torch.equal(t, after[name])
+        assert changed == name.startswith(trained_prefixes), name
+
+
+def test_per_module_learning_rates_official_syntax():
+    model = Ovis.from_pretrained(tiny_model_dir())
+    lrs = select_trainable(model, f"llm:2e-5|{LAST_VIT_BLOCK}|vte:1e-3", base_lr=1e-4)
+    assert lrs["llm.model.norm.weight"] == 2e-5 and lrs["vte.weight"] == 1e-3
+    assert not model.visual_tokenizer.head[0].weight.requires_grad
+    groups = param_groups(model, lrs, weight_decay=0.1)
+    by_lr = {(g["lr"], g["weight_decay"]) for g in groups}
+    assert (2e-5, 0.1) in by_lr and (2e-5, 0.0) in by_lr and (1e-3, 0.0) in by_lr and (1e-4, 0.1) in by_lr
+    with pytest.raises(ValueError, match="does not name a module"):
+        select_trainable(model, "llm.nope", 1e-4)
+
+
+def _run_cmd(tmp: Path, datainfo: Path, out: Path, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "ovis25.train", "-", f'init="{tiny_model_dir()}"', f'out_dir="{out}"',
+            f'datainfo="{datainfo}"', "max_tokens=192", "epochs=2", "save_every=2", "keep_last=2", "lr=1e-3",
+            "progress=false", *TINY_BUDGET, *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def _final_weights(out: Path) -> dict:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_resume_after_kill_and_crash_mid_save_matches_uninterrupted(tmp_path):
+    datainfo = make_dataset(tmp_path / "data")
+    ref = tmp_path / "ref"
+    subprocess.run(_run_cmd(tmp_path, datainfo, ref), env=_env(), check=True, capture_output=True)
+    steps = json.loads((ref / "summary.json").read_text())["steps"]
+    assert steps >= 6
+
+    # 1) the process dies while writing the checkpoint of step 4: step 2 must survive and be used
+    crashed = tmp_path / "crashed"
+    r = subprocess.run(_run_cmd(tmp_path, datainfo, crashed), env={**_env(), "OVIS25_FAULT": "crash-in-save-4"},
+                       capture_output=True)
+    assert r.returncode == 17
+    assert [p.name for p in (crashed / "checkpoints").glob("step-*")] == ["step-00000002"]
+    subprocess.run(_run_cmd(tmp_path, datainfo, crashed), env=_env(), check=True, capture_output=True)
+
+    # 2) SIGKILL once a later checkpoint exists, then resume
+    killed = tmp_path / "killed"
+    p = subprocess.Popen(_run_cmd(tmp_path, datainfo, killed), env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-00000004").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (killed / "final").exists()
+    subprocess.run(_run_cmd(tmp_path, datainfo, killed), env=_env(), check=True, capture_output=True)
+
+    expected = _final_weights(ref)
+    for run in (crashed, killed):
+        got = _final_weights(run)
+        for name, t in expected.items():
+            assert torch.equal(t, got[name]), f"{run.name}: {name} differs after resume"
+
+
+def test_corrupt_checkpoint_is_detected_and_previous_used(tmp_path):
+    from ovis25.train.state import latest_checkpoint
+    datainfo = make_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    subprocess.run(_run_cmd(tmp_path, datainfo, out, ["max_steps=5", "keep_last=3"]), env=_env(), check=True,
+                   capture_output=True)
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert latest_checkpoint(out / "checkpoints") == ckpts[-1]
+    with open(ckpts[-1] / "optimizer.safetensors", "r+b") as f:  # flip bytes in the newest one
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    assert latest_checkpoint(out / "checkpoints") == ckpts[-2]
+
+
+def test_bad_data_is_counted_or_fails_clearly(tmp_path):
+    bad = [
+        {"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nx"},
+                                                               {"from": "gpt", "value": "y"}]},
+        {"id": "mismatch", "image": "img0.png", "conversations": [{"from": "human", "value": "no placeholder"},
+                                                                {"from": "gpt", "value": "y"}]},
+        {"id": "too_long", "image": "img1.png", "conversations": [{"from": "human", "value": "word " * 400 + "<image>\nx"},
+                                                                {"from": "gpt", "value": "y"}]},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": [{"from": "human", "value": "<image>\nx"},
+                                                                  {"from": "gpt", "value": "y"}]},
+    ]
+    datainfo = make_dataset(tmp_path, n=4, extra=bad)
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"not a png at all")
+    # a JSONL file with a malformed line, as a second dataset
+    lines = [json.dumps(json.loads((tmp_path / "meta.json").read_text())[0]), "{broken json", ""]
+    (tmp_path / "more.jsonl").write_text("\n".join(lines))
+    info = json.loads(datainfo.read_text())
+    info["more"] = {"meta_file": "more.jsonl", "image_dir": "images", "data_format": "conversation"}
+    datainfo.write_text(json.dumps(info))
+    proc = Processor.from_pretrained(tiny_model_dir())
+    builder = SampleBuilder(proc, PixelBudgets(1024, 4096, 1024, 4096, 1024, 2048), max_length=256)
+    planned = plan_datasets(load_datainfo(datainfo), builder, seed=0)
+    assert len(planned) == 5
+    counts = builder.skips.counts
+    assert counts == {"missing_image": 1, "placeholder_mismatch": 1, "too_long": 1, "corrupt_image": 1,
+                      "malformed_json": 1}
+    assert "line 2" in builder.skips.examples["malformed_json"]
+    strict = SampleBuilder(proc, PixelBudgets(1024, 4096, 1024, 4096, 1024, 2048), max_length=256, on_error="fail")
+    with pytest.raises(DataError, match="missing"):
+        plan_datasets(load_datainfo(datainfo), strict, seed=0)
+
+
+def test_text_tail_truncation_keeps_visual_block(tmp_path):
+    long_answer = [{"id": "long", "image": "img0.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "very " * 300}]}]
+    datainfo = make_dataset(tmp_path, n=0, extra=long_answer)
+    proc = Processor.from_pretrained(tiny_model_dir())
+    builder = SampleBuilder(proc, PixelBudgets(1024, 4096, 1024, 4096, 1024, 2048), max_length=128)
+    (planned,) = plan_datasets(load_datainfo(datainfo), builder, seed=0)
+    assert planned.length == 128 and -302 in planned.input_ids  # whole image block kept, text tail cut
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not available")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distributed_matches_single_process(tmp_path, parallel):
+    datainfo = make_dataset(tmp_path / "data")
+    common = ["max_steps=4", "save_every=0", "epochs=1"]
+    single = tmp_path / "single"
+    subprocess.run(_run_cmd(tmp_path, datainfo, single, common + ["grad_accum=2"]), env=_env(), check=True,
+                   capture_output=True)
+    multi = tmp_path / parallel
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "ovis25.train",
+           *_run_cmd(tmp_path, datainfo, multi, common + ["grad_accum=1", f"parallel=\"{parallel}\""])[3:]]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = [json.loads(line)["loss"] for line in (single / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line)["loss"] for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (a, b)
+    wa, wb = _final_weights(single), _final_weights(multi)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -273,7 +273,7 @@ def test_text_tail_truncation_keeps_visual_block(tmp_path):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_distributed_matches_single_process(tmp_path, parallel):
     datainfo = make_dataset(tmp_path / "data")
-    common = ["max_steps=4", "save_every=0", "epochs=1"]
+    common = ["max_steps=4", "save_every=0", "epochs=3"]
     single = tmp_path / "single"
     subprocess.run(_run_cmd(tmp_path, datainfo, single, common + ["grad_accum=2"]), env=_env(), check=True,
                    capture_output=True)

@@ -56,6 +56,11 @@ def resolve_sizes(sizes: dict | str) -> dict[str, int]:
     return {split: int(sizes.get(split, 0)) for split in SPLITS}
 
 
+def task_rng(seed: int, split: str, task: str) -> random.Random:
+    """The stream one (split, task) draws from; str seeds hash the same in every run and platform."""
+    return random.Random(f"ovis25.synth/{seed}/{split}/{task}")
+
+
 def fingerprint(image: Image.Image) -> bytes:
     return hashlib.sha1(repr(image.size).encode() + image.tobytes()).digest()
 
@@ -110,7 +115,7 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", 
     with tqdm(total=sum(sizes[s] for s, _ in plan), desc="synthetic world", unit="sample",
               disable=not progress) as bar:
         for split, task in plan:
-            rng = random.Random(f"ovis25.synth/{seed}/{split}/{task}")  # str seeds are stable across runs
+            rng = task_rng(seed, split, task)
             for i in range(sizes[split]):
                 sample = TASKS[task](rng)
                 keys = [fingerprint(im) for im in sample.images]

@@ -1,0 +1,4 @@
+"""`python -m ovis25 ...` is the `ovis25` command."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""OpenAI-compatible HTTP API over a `Chat`: POST /v1/chat/completions, GET /v1/models, GET /health.
+
+Request handlers parse and preprocess (images, prompt) in the thread pool, then hand the prompt to the
+`EngineWorker`, the single thread that owns the `Engine`, and wait for its events on an asyncio queue.
+A client that goes away has its request aborted, which frees its slot at the next engine step.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import Chat
+from ..generation import Engine, GenerationResult
+from ..reasoning import ReasoningStream, strip_think_tags
+from .errors import APIError
+from .protocol import ChatRequest, parse_chat_request
+from .settings import ServerSettings
+from .worker import EngineWorker, QueueFull
+
+log = logging.getLogger("ovis25.serve")
+_DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming handler checks that its client is still there
+
+
+def create_app(chat: Chat, settings: ServerSettings) -> FastAPI:
+    engine = Engine(chat.model, chat.processor.tokenizer, max_batch_size=settings.max_batch,
+                    max_len=settings.max_model_len)
+    worker = EngineWorker(engine, settings.capacity)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop)
+
+    # No /docs or /openapi.json: every route but /health sits behind the API key.
+    app = FastAPI(title="ovis25", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    _install_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", None,
+                           "missing_api_key")
+        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "invalid API key", None, "invalid_api_key")
+
+    def model_card() -> dict:
+        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "ovis25"}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "requests": worker.held}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def get_model(model_id: str) -> dict:
+        if model_id != settings.model_name:
+            raise APIError(404, f"The model {model_id!r} does not exist", "model", "model_not_found")
+        return model_card()
+
+    def prepare(body: object) -> tuple[ChatRequest, dict]:
+        """Parse, read the media and build the prompt (blocking work, run in the thread pool)."""
+        req = parse_chat_request(body, settings, chat.generation_config)
+        req.load_media(settings)
+        try:
+            prompt = chat.processor(req.messages, enable_thinking=req.config.enable_thinking,
+                                    min_pixels=req.min_pixels, max_pixels=req.max_pixels)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages", "invalid_request") from e
+        length = prompt["input_ids"].numel()
+        if length >= settings.max_model_len:
+            raise APIError(400, f"the prompt is {length} tokens; the server's --max-model-len={settings.max_model_len} "
+                                "must leave room for at least one new token", "messages", "context_length_exceeded")
+        return req, prompt
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request) -> Response:
+        body = await _read_json(request, settings.max_body_bytes)
+        req, prompt = await run_in_threadpool(prepare, body)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        ids = [f"{completion_id}-{i}" for i in range(req.n)]
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            worker.submit([(rid, prompt, config) for rid, config in zip(ids, req.choice_configs())],
+                          lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        except QueueFull as e:
+            raise APIError(429, f"{e} (--max-batch={settings.max_batch}, --max-queue={settings.max_queue})",
+                           None, "queue_full") from e
+        head = {"id": completion_id, "created": int(time.time()), "model": settings.model_name}
+        if req.stream:
+            return StreamingResponse(_stream(worker, events, ids, req, head), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        results = await _collect(worker, events, ids, request)
+        if results is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
+        return JSONResponse({
+            **head, "object": "chat.completion",
+            "choices": [{"index": i, "message": _message(r), "finish_reason": r.finish_reason, "logprobs": None}
+                        for i, r in enumerate(results)],
+            "usage": _usage(results),
+        })
+
+    return app
+
+
+def serve(chat: Chat, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info") -> None:
+    """Run the API with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(chat, settings), host=host, port=port, log_level=log_level)
+
+
+# ---- request and response helpers -------------------------------------------------------------------------
+
+async def _read_json(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes, more than the server's --max-body-bytes={limit}",
+                       None, "request_too_large")
+    chunks, total = [], 0
+    async for chunk in request.stream():  # also bounds bodies sent without a Content-Length
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, f"the request body is more than the server's --max-body-bytes={limit}",
+                           None, "request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from e
+
+
+async def _collect(worker: EngineWorker, events: asyncio.Queue, ids: list[str],
+                   request: Request) -> list[GenerationResult] | None:
+    """Final results in choice order, or None when the client disconnected (its requests are aborted)."""
+    results: dict[str, GenerationResult] = {}
+    try:
+        while len(results) < len(ids):
+            try:
+                kind, payload = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            if kind == "error":
+                raise APIError(500, payload, None, "generation_failed")
+            if payload.finished:
+                results[payload.request_id] = payload.result
+        return [results[i] for i in ids]
+    finally:
+        if len(results) < len(ids):
+            worker.abort([i for i in ids if i not in results])
+
+
+async def _stream(worker: EngineWorker, events: asyncio.Queue, ids: list[str], req: ChatRequest,
+                  head: dict) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, content/reasoning deltas, a finish chunk per choice, [DONE]."""
+    index = {rid: i for i, rid in enumerate(ids)}
+    reasoning = [ReasoningStream() for _ in ids]
+    results: dict[str, GenerationResult] = {}
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        data = {**head, "object": "chat.completion.chunk", "choices": choices}
+        if req.include_usage:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def choice(i: int, delta: dict, finish_reason: str | None = None) -> dict:
+        return {"index": i, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+    try:
+        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(len(ids))])
+        while len(results) < len(ids):
+            kind, payload = await events.get()
+            if kind == "error":
+                yield f"data: {json.dumps(APIError(500, payload, None, 'generation_failed').body())}\n\n"
+                break
+            i = index[payload.request_id]
+            thinking = (reasoning[i].finish(payload.result.thinking) if payload.finished
+                        else reasoning[i].push(payload.thinking))
+            delta = {key: value for key, value in (("reasoning_content", thinking), ("content", payload.text)) if value}
+            if delta:
+                yield chunk([choice(i, delta)])
+            if payload.finished:
+                results[payload.request_id] = payload.result
+                yield chunk([choice(i, {}, payload.result.finish_reason)])
+        else:
+            if req.include_usage:
+                yield chunk([], _usage([results[i] for i in ids]))
+        yield "data: [DONE]\n\n"
+    finally:  # also runs when the client disconnects and the response task is cancelled
+        if len(results) < len(ids):
+            worker.abort([i for i in ids if i not in results])
+
+
+def _message(result: GenerationResult) -> dict:
+    return {"role": "assistant", "content": result.text,
+            "reasoning_content": strip_think_tags(result.thinking) or None}
+
+
+def _usage(results: list[GenerationResult]) -> dict:
+    prompt = results[0].usage["prompt_tokens"]  # one prompt, shared by the n choices
+    completion = sum(r.usage["completion_tokens"] for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "completion_tokens_details": {"reasoning_tokens": sum(r.usage["thinking_tokens"] for r in results)}}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in the OpenAI shape; never a traceback."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), None, code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return APIError(400, f"invalid request: {exc.errors()}", None, "invalid_request").response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error: %s: %s", type(exc).__name__, exc)
+        return APIError(500, "internal server error", None, "internal_error").response()

@@ -291,3 +291,33 @@ def test_distributed_matches_single_process(tmp_path, parallel):
     wa, wb = _final_weights(single), _final_weights(multi)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_lora_trains_adapters_and_exports_merged_official_checkpoint(tmp_path):
+    from ovis25.train.lora import apply_lora, lora_parameters, merge_lora_state
+    datainfo = make_dataset(tmp_path / "data")
+    out = tmp_path / "lora"
+    cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{out}"', f'datainfo="{datainfo}"',
+                             "max_tokens=256", "max_steps=3", "lr=1e-2", "progress=false", "lora_rank=4",
+                             'train_modules="vte"', "save_every=2", *TINY_BUDGET])
+    final = train(cfg)
+    before = load_file(str(tiny_model_dir() / "model.safetensors"))
+    after = load_file(str(final / "model.safetensors"))
+    assert set(after) == set(before)  # official key set: adapters merged away
+    for name, t in before.items():
+        changed = not torch.equal(t, after[name])
+        is_llm_linear = name.startswith("llm.model.layers.") and "proj" in name
+        assert changed == (is_llm_linear or name == "vte.weight"), name
+    # the merged export computes what the adapted model computes
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    model = Ovis.from_pretrained(tiny_model_dir())
+    apply_lora(model, "llm", 4, 16.0)
+    state = load_file(str(ckpt / "model.safetensors"))
+    state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"]
+    model.load_state_dict(state)
+    merged = Ovis.from_pretrained(tiny_model_dir())
+    merged.load_state_dict(merge_lora_state(model.state_dict(), 16.0 / 4))
+    ids = torch.randint(0, 700, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in lora_parameters(model).values())

@@ -100,7 +100,7 @@ class ChatSession:
         request_id = engine.add_request(input_ids, pixel_values, grid_thws, config)
         reasoning, result = ReasoningStream(), None
         try:
-            for out in engine.run_until_done():
+            for out in engine.stream(request_id):
                 on_thinking(reasoning.finish(out.result.thinking) if out.finished else reasoning.push(out.thinking))
                 on_text(out.text)
                 if out.finished:
@@ -343,12 +343,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="sampling defaults from the checkpoint's generation_config.json (default: greedy)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """-> (the `ovis25` parser, its `chat` sub-parser)."""
     parser = argparse.ArgumentParser(prog="ovis25", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("chat", help="answer a prompt, or chat interactively when no prompt is given")
+    p = chat = commands.add_parser("chat", help="answer a prompt, or chat interactively when no prompt is given")
     add_model_args(p)
     p.add_argument("prompt", nargs="?", help="the message; without it, read messages from stdin")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="attach an image (repeatable)")
@@ -388,11 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-media-bytes", type=positive_int, default=64 * 2**20, help="one image/video file")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
-    return parser
+    return parser, chat
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser, chat_parser = build_parser()
+    if argv[:1] == ["chat"]:  # the prompt may come after options: `chat MODEL --image a.png "prompt"`
+        args = chat_parser.parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # model output may hold characters the terminal cannot encode
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")

@@ -137,9 +137,11 @@ def place(rng: random.Random, size: tuple[int, int], specs: list[tuple[str, str,
 
 def scene(rng: random.Random, kinds: list[tuple[str, str]], lo: int = 80, hi: int = 256,
           ) -> tuple[Image.Image, list[Obj]]:
-    """A canvas of random size with one object per (shape, color); redrawn until everything fits."""
+    """A canvas of random size (aspect ratio up to 2.5) with one object per (shape, color); redrawn until
+    everything fits."""
     while True:
-        size = rng.randint(lo, hi), rng.randint(lo, hi)
+        w = rng.randint(lo, hi)
+        size = w, rng.randint(max(lo, round(w / 2.5)), min(hi, round(w * 2.5)))
         specs = [(s, c, max(12, round(rng.uniform(0.18, 0.3) * min(size)))) for s, c in kinds]
         objs = place(rng, size, specs)
         if objs is not None:
@@ -261,8 +263,8 @@ def chart(rng: random.Random) -> Sample:
         values = [rng.randint(1, 9) for _ in range(n)]
         if kind != "highest" or values.count(max(values)) == 1:
             break
-    color, fs = rng.choice(list(COLORS)), rng.randint(12, 16)
-    w, h = rng.randint(max(96, 30 * n), 256), rng.randint(112, 224)
+    color, fs = rng.choice(list(COLORS)), rng.randint(14, 20)
+    w, h = rng.randint(112, 256), rng.randint(128, 240)
     top, bottom = fs + 6, fs + 8              # room for the value labels above and the names below
     unit = (h - top - bottom - 4) // 9        # pixels per value unit, so the tallest bar (9) fits
     base = h - bottom                         # the axis line; bars stand on it
@@ -349,7 +351,7 @@ def video(rng: random.Random) -> Sample:
     direction, frames = rng.choice(DIRECTIONS), rng.randint(4, 6)
     size = rng.randint(80, 192), rng.randint(80, 192)
     axis = 0 if direction in ("left", "right") else 1
-    side = max(12, round(rng.uniform(0.16, 0.24) * min(size)))
+    side = max(12, round(rng.uniform(0.2, 0.28) * min(size)))
     color = rng.choice(list(COLORS))
     dist = round(rng.uniform(0.35, 0.55) * size[axis])
     start = rng.randint(3, size[axis] - side - 3 - dist)

@@ -51,6 +51,11 @@ class TrainConfig:
     vet_init_mean: float = 0.0
     vet_init_std: float = 0.02
     on_nan: str = "skip"                   # skip the step | stop the run
+    # LoRA (0 = off): adapters on the Linear layers under `lora_targets`; base weights stay frozen
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "llm"
     # system
     parallel: str = "auto"                 # auto | none | ddp | fsdp
     param_dtype: str = "float32"           # FSDP2 mixed precision: bfloat16 params, float32 reduce

@@ -52,12 +52,16 @@ def parse_train_modules(spec: str, base_lr: float) -> list[tuple[str, float]]:
     return entries
 
 
+def freeze_all(model: nn.Module) -> dict[str, float]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {}
+
+
 def select_trainable(model: nn.Module, spec: str, base_lr: float) -> dict[str, float]:
     """Freeze everything, unfreeze the named modules; returns {parameter name: learning rate}."""
     names = {id(p): n for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    lrs: dict[str, float] = {}
+    lrs = freeze_all(model)
     for path, lr in parse_train_modules(spec, base_lr):
         module = model if path == "all" else resolve_module(model, path)
         for p in module.parameters():

@@ -31,7 +31,8 @@ from ..processing import Processor
 from .config import TrainConfig
 from .data import DataError, PixelBudgets, PlannedSample, SampleBuilder, load_datainfo, plan_datasets
 from .packing import collate_packed, num_targets, pack_first_fit
-from .phases import PHASES, param_groups, reinit_vet, select_trainable
+from .lora import apply_lora, lora_parameters, merge_lora_state
+from .phases import PHASES, freeze_all, param_groups, reinit_vet, select_trainable
 from .state import (latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state,
                     set_rng_state)
 
@@ -201,8 +202,15 @@ def train(cfg: TrainConfig) -> Path:
     model.train()
     if cfg.reinit_vet if cfg.reinit_vet is not None else cfg.phase == "p1":
         reinit_vet(model, cfg.vet_init_mean, cfg.vet_init_std, cfg.seed)
-    modules = cfg.train_modules or PHASES.get(cfg.phase, PHASES["p3"])["train_modules"]
-    lrs = select_trainable(model, modules, cfg.lr)
+    if cfg.lora_rank:  # adapters only, plus whatever train_modules names explicitly (e.g. the head and VET)
+        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
+        lrs = select_trainable(model, cfg.train_modules, cfg.lr) if cfg.train_modules else freeze_all(model)
+        for name, p in lora_parameters(model).items():
+            p.requires_grad_(True)
+            lrs[name] = cfg.lr
+    else:
+        lrs = select_trainable(model, cfg.train_modules or PHASES.get(cfg.phase, PHASES["p3"])["train_modules"],
+                               cfg.lr)
 
     builder = SampleBuilder(processor, pixel_budgets(cfg), cfg.max_tokens, cfg.on_bad_sample, cfg.num_frames)
     planned = plan_datasets(load_datainfo(cfg.datainfo, cfg.datasets or None), builder, cfg.seed)
@@ -354,6 +362,8 @@ def restore(model, optimizer, scheduler, ckpt_dir: Path, rank: int) -> tuple[int
 def export(model, processor: Processor, cfg: TrainConfig, target: Path, rank: int) -> Path:
     """The trained weights in the official checkpoint format, with the tokenizer and configs."""
     msd, _ = _full_state(model)
+    if cfg.lora_rank:
+        msd = merge_lora_state(msd, cfg.lora_alpha / cfg.lora_rank)
     if rank == 0:
         with torch.device("meta"):
             plain = Ovis(getattr(model, "module", model).config)

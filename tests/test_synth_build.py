@@ -1,0 +1,161 @@
+"""build_world: determinism, the official on-disk format, placeholder counts, a held-out split."""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ovis25.synth import PRESETS, TASKS, build_world
+from ovis25.synth.__main__ import main
+from ovis25.synth.build import CAPTIONED, task_rng
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "world"
+    main([str(out), "--preset", "ci", "--seed", "0"])  # the CLI, progress bar included
+    return out
+
+
+def read(world: Path, name: str) -> list[dict]:
+    text = (world / name).read_text()
+    return json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+
+
+def visuals(world: Path, row: dict) -> list[Path]:
+    paths = row.get("video_frames") or row["image"]
+    return [world / "images" / p for p in ([paths] if isinstance(paths, str) else paths)]
+
+
+def all_rows(world: Path):
+    manifest = json.loads((world / "world.json").read_text())
+    for name, spec in manifest["datasets"].items():
+        for row in read(world, spec["meta_file"]):
+            yield name, row
+    for split, file in manifest["files"].items():
+        for row in read(world, file):
+            yield split, row
+
+
+def test_same_seed_byte_identical(world, tmp_path):
+    again = tmp_path / "again"
+    build_world(again, seed=0, sizes="ci")
+    a, b = files(world), files(again)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    assert any(k.startswith("tokenizer/") for k in a)
+
+
+def test_other_seed_differs(world, tmp_path):
+    other = files(Path(build_world(tmp_path / "other", seed=1, sizes="ci", tokenizer=False) and tmp_path / "other"))
+    same = files(world)
+    assert other["test.jsonl"] != same["test.jsonl"]
+    assert sum(other.get(k) == v for k, v in same.items() if k.endswith(".png")) == 0
+
+
+def test_manifest_and_datainfo(world):
+    manifest = json.loads((world / "world.json").read_text())
+    sizes = PRESETS["ci"]
+    assert manifest["sizes"] == sizes and manifest["tasks"] == list(TASKS)
+    assert manifest["samples"] == {"caption": sizes["caption"] * len(CAPTIONED),
+                                   **{s: sizes[s] * len(TASKS) for s in ("qa", "think", "dpo", "grpo", "test")}}
+    assert manifest["images"] == len(list((world / "images").rglob("*.png")))
+    datainfo = json.loads((world / manifest["datainfo"]).read_text())
+    assert set(datainfo) == set(manifest["datasets"]) == {"synth_caption", "synth_qa", "synth_think"}
+    for name, entry in datainfo.items():
+        assert {"meta_file", "image_dir", "data_format"} <= set(entry)
+        assert (world / entry["meta_file"]).is_file() and (world / entry["image_dir"]).is_dir()
+        assert len(read(world, entry["meta_file"])) == manifest["datasets"][name]["samples"]
+    assert datainfo["synth_caption"]["data_format"] == "caption"
+    assert datainfo["synth_caption"]["caption_template"].count("<image>") == 1
+    assert {datainfo[n]["data_format"] for n in ("synth_qa", "synth_think")} == {"conversation"}
+    for phase in ("p1", "p2", "p3"):
+        assert set(manifest["phases"][phase]) <= set(datainfo)
+
+
+def test_the_trainer_reads_the_datainfo(world):
+    from ovis25.train.data import load_datainfo
+    specs = {s.name: s for s in load_datainfo(world / "datainfo.json")}
+    assert specs["synth_qa"].image_dir == world / "images"
+    assert specs["synth_caption"].data_format == "caption"
+
+
+def test_records_have_official_fields_and_matching_placeholders(world):
+    for where, row in all_rows(world):
+        assert isinstance(row["id"], str)
+        paths = visuals(world, row)
+        assert all(p.is_file() for p in paths)
+        if where == "synth_caption":
+            assert set(row) == {"id", "image", "caption"} and isinstance(row["image"], str) and row["caption"]
+            continue
+        turns = row["conversations"]
+        assert turns[0]["from"] == "human" and all(t["from"] in ("human", "gpt") for t in turns)
+        prompt = "".join(t["value"] for t in turns if t["from"] == "human")
+        if "video_frames" in row:
+            assert "image" not in row and prompt.count("<video>") == 1 and "<image>" not in prompt
+            assert 4 <= len(paths) <= 6 and len({Image.open(p).size for p in paths}) == 1
+        else:
+            assert prompt.count("<image>") == len(paths) and "<video>" not in prompt
+            assert isinstance(row["image"], str) == (len(paths) == 1)
+        assert row["task"] in TASKS
+
+
+def test_split_specific_fields(world):
+    rows = {}
+    for where, row in all_rows(world):
+        rows.setdefault(where, []).append(row)
+    for row in rows["synth_qa"]:
+        assert [t["from"] for t in row["conversations"]] == ["human", "gpt"]
+        assert "<think>" not in row["conversations"][1]["value"]
+    corrected = 0
+    for row in rows["synth_think"]:
+        value = row["conversations"][-1]["value"]
+        assert re.fullmatch(r"<think>\n(.+\n)+</think>\n\n[^\n]+", value), value
+        corrected += "Wait, let me" in value
+    assert 0 < corrected < len(rows["synth_think"])
+    for row in rows["dpo"]:
+        assert len(row["conversations"]) == 1 and row["chosen"] and row["rejected"] != row["chosen"]
+    for row in rows["grpo"]:
+        assert row["reward"] in ("exact", "number", "iou") and row["answer"]
+        assert (row["reward"] == "iou") == (row["task"] == "grounding")
+    for row in rows["test"]:
+        assert row["metric"] in ("exact", "number", "iou")
+        assert row["conversations"][0]["value"].endswith(row["question"])
+
+
+def test_files_hold_what_the_generators_drew(world):
+    """The qa split on disk is exactly the generators' stream, whose answers test_synth_world verifies."""
+    rows = {r["id"]: r for r in read(world, "meta/qa.json")}
+    for task in TASKS:
+        rng = task_rng(0, "qa", task)
+        for i in range(PRESETS["ci"]["qa"]):
+            sample, row = TASKS[task](rng), rows[f"qa-{task}-{i:05d}"]
+            assert row["conversations"][1]["value"] == sample.answer
+            for image, path in zip(sample.images, visuals(world, row), strict=True):
+                assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
+
+
+def test_held_out_images_never_seen_in_training(world):
+    def digest(path: Path) -> str:
+        image = Image.open(path)
+        return hashlib.sha1(repr(image.size).encode() + image.tobytes()).hexdigest()
+
+    train, test = set(), set()
+    for where, row in all_rows(world):
+        (test if where == "test" else train).update(digest(p) for p in visuals(world, row))
+    assert test and not test & train
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_world(tmp_path, sizes="ci")
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_world(tmp_path / "w", sizes="huge")

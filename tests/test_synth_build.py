@@ -54,8 +54,8 @@ def test_same_seed_byte_identical(world, tmp_path):
 
 
 def test_other_seed_differs(world, tmp_path):
-    other = files(Path(build_world(tmp_path / "other", seed=1, sizes="ci", tokenizer=False) and tmp_path / "other"))
-    same = files(world)
+    build_world(tmp_path / "other", seed=1, sizes="ci", tokenizer=False)
+    other, same = files(tmp_path / "other"), files(world)
     assert other["test.jsonl"] != same["test.jsonl"]
     assert sum(other.get(k) == v for k, v in same.items() if k.endswith(".png")) == 0
 

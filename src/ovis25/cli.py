@@ -347,7 +347,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """-> (the `ovis25` parser, its `chat` sub-parser)."""
     parser = argparse.ArgumentParser(prog="ovis25", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True)  # later: train, eval
 
     p = chat = commands.add_parser("chat", help="answer a prompt, or chat interactively when no prompt is given")
     add_model_args(p)

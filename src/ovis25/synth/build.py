@@ -39,7 +39,9 @@ IMAGE_DIR = "images"
 CAPTION_TEMPLATE = "<image>\nDescribe the image."
 SELF_CORRECT = 1 / 3  # share of thinking traces that catch and fix a slip
 DATASETS = {  # datainfo name -> (split, data_format)
-    "synth_caption": ("caption", "caption"), "synth_qa": ("qa", "conversation"), "synth_think": ("think", "conversation"),
+    "synth_caption": ("caption", "caption"),
+    "synth_qa": ("qa", "conversation"),
+    "synth_think": ("think", "conversation"),
 }
 PHASES = {"p1": ["synth_caption"], "p2": ["synth_qa"], "p3": ["synth_qa", "synth_think"], "p4": "dpo.jsonl",
           "p5": "grpo.jsonl"}
@@ -65,7 +67,7 @@ def fingerprint(image: Image.Image) -> bytes:
     return hashlib.sha1(repr(image.size).encode() + image.tobytes()).digest()
 
 
-def records(split: str, sid: str, sample: Sample, paths: list[str], rng: random.Random) -> dict:
+def record(split: str, sid: str, sample: Sample, paths: list[str], rng: random.Random) -> dict:
     """One line of the split's file, in the official field names."""
     visuals = {"video_frames": paths} if sample.video else {"image": paths[0] if len(paths) == 1 else paths}
     prompt = [{"from": "human", "value": sample.prompt}]
@@ -131,7 +133,7 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", 
                     (tmp / IMAGE_DIR / path).parent.mkdir(parents=True, exist_ok=True)
                     image.save(tmp / IMAGE_DIR / path, format="PNG")
                 n_images += len(paths)
-                rows[split].append(records(split, sid, sample, paths, rng))
+                rows[split].append(record(split, sid, sample, paths, rng))
                 counts[split][task] = i + 1
                 bar.update()
 

@@ -31,7 +31,7 @@ EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
 CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE  # renders like the released Ovis2.5 template
 SYSTEM_PROMPT = "You are a helpful assistant."
 # Added tokens and visual placeholders never reach BPE: the tokenizer matches them before splitting.
-_UNLEARNED = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + PLAIN_ADDED_TOKENS + (IMAGE_TOKEN, VIDEO_TOKEN)))
+_UNLEARNED = re.compile("|".join(map(re.escape, SPECIAL_TOKENS + PLAIN_ADDED_TOKENS + (IMAGE_TOKEN, VIDEO_TOKEN))))
 
 
 def _turn(role: str, value: str) -> str:

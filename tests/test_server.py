@@ -1,0 +1,394 @@
+"""The OpenAI-compatible server, run for real on a loopback port and called with the official `openai`
+client (and raw HTTP for malformed requests): parity with Chat.generate, streaming, thinking, n, stop,
+limits and errors, concurrency, queue limits and client disconnects."""
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import av
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from conftest import FIXTURES, REPO, manifest, model_dirs, requires_fixtures
+import ovis25
+from ovis25.reasoning import strip_think_tags
+from ovis25.serve import ServerSettings, create_app
+
+pytestmark = requires_fixtures
+
+KEY = "test-key"
+SMALL = {"min_pixels": 4096, "max_pixels": 25600}  # keeps every test fast
+SMALL_KWARGS = {"mm_processor_kwargs": {"images_kwargs": SMALL}}
+
+
+@lru_cache(maxsize=None)
+def model_dir():
+    return model_dirs()[0]
+
+
+@lru_cache(maxsize=None)
+def reference() -> "ovis25.Chat":
+    """A separate Chat (own model copy) computing the expected one-by-one greedy answers."""
+    return ovis25.Chat.from_pretrained(model_dir())
+
+
+def image_file(i: int = 0):
+    names = sorted(n for n in manifest()["images"] if n.startswith("rgb_"))
+    return FIXTURES / manifest()["images"][names[i % len(names)]]["file"]
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_message(text: str, url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def as_chat_messages(text: str, image: Image.Image | None) -> list[dict]:
+    """The same request in the Chat API's HF-message form."""
+    if image is None:
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+class Server:
+    """A uvicorn server in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def client(self, api_key: str = KEY, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=api_key, max_retries=0, **kwargs)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def raw(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON body) of one plain HTTP request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    status, data = response.status, response.read()
+    conn.close()
+    return status, json.loads(data)
+
+
+@pytest.fixture(scope="module")
+def allowed_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("allowed")
+    outside = tmp_path_factory.mktemp("outside")
+    Image.open(image_file(0)).save(root / "inside.png")
+    Image.open(image_file(1)).save(outside / "secret.png")
+    (root / "link.png").symlink_to(outside / "secret.png")  # a symlink must not lead out
+    write_video(root / "clip.mp4")
+    return root
+
+
+def write_video(path, frames: int = 6) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (40 * i, 120, 200 - 30 * i)))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def server(allowed_dir):
+    chat = ovis25.Chat.from_pretrained(model_dir())
+    settings = ServerSettings(model_name=model_dir().name, api_key=KEY, allow_local_dir=allowed_dir, max_batch=4,
+                              max_queue=64, max_body_bytes=300_000, max_images=3, max_pixels=1_000_000,
+                              max_tokens_limit=64, max_model_len=1024)
+    s = Server(create_app(chat, settings))
+    yield s
+    s.close()
+
+
+# ---- parity with Chat.generate -------------------------------------------------------------------------------
+
+def test_models_and_health(server):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [model_dir().name]
+    assert client.models.retrieve(model_dir().name).id == model_dir().name
+    status, body = raw(server.port, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_image_request_matches_chat_generate(server, think):
+    """Greedy, image as a data URL: same text (and thinking, tags removed) as Chat.generate, streamed or not."""
+    image = Image.open(image_file(0))
+    url = data_url(image_file(0).read_bytes())
+    budget = 3 if think else None  # the budget makes the tiny model close </think> and answer
+    expected = reference().generate(as_chat_messages("What is in the picture?", image), enable_thinking=think,
+                                    thinking_budget=budget, max_new_tokens=40, **SMALL)
+    extra = {**SMALL_KWARGS, "chat_template_kwargs": {"enable_thinking": think}, "thinking_budget": budget}
+    client = server.client()
+    res = client.chat.completions.create(model=model_dir().name, messages=image_message("What is in the picture?", url),
+                                         max_tokens=40, temperature=0, extra_body=extra)
+    message = res.choices[0].message
+    assert message.content == expected.text
+    assert message.reasoning_content == (strip_think_tags(expected.thinking) or None)
+    if think:
+        assert message.reasoning_content and "</think>" not in message.reasoning_content
+    assert res.choices[0].finish_reason == expected.finish_reason
+    assert res.usage.prompt_tokens == expected.usage["prompt_tokens"]
+    assert res.usage.completion_tokens == len(expected.token_ids)
+    assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
+
+    content, reasoning, finish = [], [], None
+    for chunk in client.chat.completions.create(model=model_dir().name, messages=image_message(
+            "What is in the picture?", url), max_tokens=40, temperature=0, stream=True, extra_body=extra):
+        delta = chunk.choices[0].delta
+        content.append(delta.content or "")
+        reasoning.append(getattr(delta, "reasoning_content", None) or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(content) == expected.text
+    assert "".join(reasoning) == (strip_think_tags(expected.thinking) if think else "")
+    assert finish == expected.finish_reason
+
+
+def test_thinking_budget_caps_thinking(server):
+    """thinking_budget=1: one free thinking token, then the forced early-stop text closes the thinking."""
+    messages = [{"role": "user", "content": "Think hard."}]
+    extra = {"chat_template_kwargs": {"enable_thinking": True}, "thinking_budget": 1}
+    res = server.client().chat.completions.create(model=model_dir().name, messages=messages, max_tokens=64,
+                                                  temperature=0, extra_body=extra)
+    expected = reference().generate(messages, enable_thinking=True, thinking_budget=1, max_new_tokens=64)
+    early_stop = reference().processor.tokenizer.encode(ovis25.generation.EARLY_STOP_TEXT)
+    assert expected.token_ids[1:1 + len(early_stop)] == early_stop
+    # 1 free token + the early-stop ids up to </think> (the "\n\n" after it belongs to the answer)
+    assert res.usage.completion_tokens_details.reasoning_tokens == expected.usage["thinking_tokens"] == len(early_stop)
+    assert res.choices[0].message.reasoning_content == strip_think_tags(expected.thinking)
+    assert res.choices[0].message.reasoning_content.endswith("based on the thinking directly now.")
+    assert res.choices[0].message.content == expected.text
+
+
+def test_default_pixel_budget_matches_chat_defaults(server):
+    image = Image.open(image_file(1))
+    expected = reference().generate(as_chat_messages("Describe.", image), max_new_tokens=8)
+    res = server.client().chat.completions.create(
+        model=model_dir().name, messages=image_message("Describe.", data_url(png_bytes(image))), max_tokens=8,
+        temperature=0)
+    assert res.choices[0].message.content == expected.text
+    assert res.usage.prompt_tokens == expected.usage["prompt_tokens"]
+
+
+def test_n_choices_stop_and_seed(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me about stripes."}]
+    expected = reference().generate(messages, max_new_tokens=24)
+    res = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=24, temperature=0, n=2)
+    assert [c.index for c in res.choices] == [0, 1]
+    assert [c.message.content for c in res.choices] == [expected.text] * 2
+    assert res.usage.completion_tokens == 2 * len(expected.token_ids)
+
+    words = expected.text.split()
+    stop = words[len(words) // 2]
+    cut = reference().generate(messages, max_new_tokens=24, stop=[stop])
+    res = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=24, temperature=0,
+                                         stop=[stop, "never-there"])
+    assert res.choices[0].message.content == cut.text and stop not in cut.text
+    assert res.choices[0].finish_reason == "stop"
+
+    sampled = [client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=12, n=2,
+                                              temperature=1.0, top_p=0.9, seed=7, extra_body={"top_k": 20})
+               for _ in range(2)]
+    assert [c.message.content for c in sampled[0].choices] == [c.message.content for c in sampled[1].choices]
+
+
+def test_local_files_and_video(server, allowed_dir):
+    client = server.client()
+    expected = reference().generate(as_chat_messages("Look.", Image.open(allowed_dir / "inside.png")),
+                                    max_new_tokens=8, **SMALL)
+    for url in (f"file://{allowed_dir / 'inside.png'}", str(allowed_dir / "inside.png"), "inside.png"):
+        res = client.chat.completions.create(model=model_dir().name, messages=image_message("Look.", url),
+                                             max_tokens=8, temperature=0, extra_body=SMALL_KWARGS)
+        assert res.choices[0].message.content == expected.text
+
+    frames = ovis25.processing.read_video(allowed_dir / "clip.mp4", 8)
+    expected = reference().generate([{"role": "user", "content": [{"type": "video", "video": frames},
+                                                                  {"type": "text", "text": "What moves?"}]}],
+                                    max_new_tokens=8, **SMALL)
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mp4"}},
+                                             {"type": "text", "text": "What moves?"}]}]
+    res = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=8, temperature=0,
+                                         extra_body=SMALL_KWARGS)
+    assert res.choices[0].message.content == expected.text
+
+
+# ---- bad requests ------------------------------------------------------------------------------------------------
+
+def chat_body(**changes) -> dict:
+    body = {"model": model_dir().name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    return {**body, **changes}
+
+
+def with_image(url: str) -> dict:
+    return chat_body(messages=image_message("hi", url))
+
+
+BAD_REQUESTS = {
+    "malformed base64": (lambda d: with_image("data:image/png;base64,@@not*base64@@"), 400, "invalid_base64"),
+    "non-image bytes": (lambda d: with_image(data_url(b"this is plain text, not a picture")), 400, "invalid_image"),
+    "too many pixels": (lambda d: with_image(data_url(png_bytes(Image.new("RGB", (1200, 1000))))), 400,
+                        "image_too_large"),
+    "pixel budget over the limit": (lambda d: chat_body(
+        mm_processor_kwargs={"images_kwargs": {"max_pixels": 2_000_000}}), 400, "pixel_budget_too_large"),
+    "too many images": (lambda d: chat_body(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(image_file(0).read_bytes())}}] * 4}]), 400,
+        "too_many_images"),
+    "max_tokens over the limit": (lambda d: chat_body(max_tokens=65), 400, "max_tokens_too_large"),
+    "unknown model": (lambda d: chat_body(model="gpt-4o"), 404, "model_not_found"),
+    "no messages": (lambda d: chat_body(messages=[]), 400, "invalid_messages"),
+    "bad role": (lambda d: chat_body(messages=[{"role": "robot", "content": "hi"}]), 400, "invalid_role"),
+    "negative temperature": (lambda d: chat_body(temperature=-1), 400, "invalid_value"),
+    "bad stop": (lambda d: chat_body(stop=[""]), 400, "invalid_value"),
+    "bad thinking flag": (lambda d: chat_body(chat_template_kwargs={"enable_thinking": "yes"}), 400,
+                          "invalid_type"),
+    "unsupported logprobs": (lambda d: chat_body(logprobs=True), 400, "unsupported"),
+    "path outside the allowed dir": (lambda d: with_image("/etc/hostname"), 403, "path_not_allowed"),
+    "path traversal": (lambda d: with_image("../" * 8 + "etc/hostname"), 403, "path_not_allowed"),
+    "symlink out of the allowed dir": (lambda d: with_image(f"file://{d / 'link.png'}"), 403, "path_not_allowed"),
+    "missing local file": (lambda d: with_image("nope.png"), 400, "file_not_found"),
+    "remote URL without --allow-remote-urls": (lambda d: with_image("http://127.0.0.1:9/x.png"), 403,
+                                               "remote_urls_disabled"),
+    "unsupported scheme": (lambda d: with_image("ftp://example.com/x.png"), 400, "invalid_url"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_request(server, allowed_dir, name):
+    build, status, code = BAD_REQUESTS[name]
+    got, body = raw(server.port, "POST", "/v1/chat/completions", json.dumps(build(allowed_dir)).encode(),
+                    {"Authorization": f"Bearer {KEY}"})
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+
+
+def test_malformed_http(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    status, body = raw(server.port, "POST", "/v1/chat/completions", b"{not json", auth)
+    assert (status, body["error"]["code"]) == (400, "invalid_json")
+    status, body = raw(server.port, "POST", "/v1/chat/completions", b"[1, 2]", auth)
+    assert status == 400
+    status, body = raw(server.port, "POST", "/v1/chat/completions", b" " * 400_000, auth)
+    assert (status, body["error"]["code"]) == (413, "request_too_large") and "--max-body-bytes" in body["error"]["message"]
+    status, body = raw(server.port, "GET", "/v1/nowhere", headers=auth)
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_api_key_is_enforced(server):
+    body = json.dumps(chat_body()).encode()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, path, data in (("POST", "/v1/chat/completions", body), ("GET", "/v1/models", None)):
+            status, reply = raw(server.port, method, path, data, headers)
+            assert status == 401 and reply["error"]["type"] == "authentication_error", (headers, path)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    with pytest.raises(openai.BadRequestError, match="base64"):
+        server.client().chat.completions.create(model=model_dir().name, messages=image_message(
+            "hi", "data:image/png;base64,!!!"), max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+    assert raw(server.port, "GET", "/health")[0] == 200  # no key needed
+
+
+# ---- concurrency ------------------------------------------------------------------------------------------------
+
+def test_concurrent_requests_equal_one_by_one(server):
+    """32 greedy requests (images and text, different lengths) from 8 threads, batched by the server:
+    each answer equals the one computed alone."""
+    variants = []
+    for i in range(4):
+        image = Image.open(image_file(i)) if i % 2 == 0 else None
+        text = f"Question {i}: what do you see?"
+        expected = reference().generate(as_chat_messages(text, image), max_new_tokens=6 + 3 * i, **SMALL).text
+        messages = image_message(text, data_url(png_bytes(image))) if image else as_chat_messages(text, None)
+        variants.append((messages, 6 + 3 * i, expected))
+    client = server.client(timeout=120)
+
+    def ask(k: int) -> bool:
+        messages, max_tokens, expected = variants[k % len(variants)]
+        res = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=max_tokens,
+                                             temperature=0, extra_body=SMALL_KWARGS)
+        return res.choices[0].message.content == expected
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(ask, range(32)))
+    status, body = raw(server.port, "GET", "/health")
+    assert status == 200 and body["requests"] == 0
+
+
+def test_cli_server_queue_limit_and_disconnect():
+    """`ovis25 serve` with one slot and no queue: a second request gets 429 at once; closing a stream aborts
+    its generation and frees the slot."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ovis25", "serve", str(model_dir()), "--port", str(port), "--max-batch", "1",
+         "--max-queue", "0", "--max-tokens-limit", "100000", "--max-model-len", "100100", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if raw(port, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "Count forever."}]
+        long = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=100000,
+                                              stream=True, temperature=0, extra_body={"ignore_eos": True})
+        next(iter(long))  # generation is running
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=2)
+        assert err.value.body["code"] == "queue_full"
+        long.close()  # the client goes away mid-stream
+        deadline = time.monotonic() + 10
+        while raw(port, "GET", "/health")[1]["requests"]:
+            assert time.monotonic() < deadline, "the closed stream was not aborted"
+            time.sleep(0.05)
+        res = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=2)
+        assert res.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.terminate()
+        proc.wait(10)

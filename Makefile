@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# CPU torch from local disk when no torch is present; an existing (e.g. CUDA) build is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,serve,video]"
+	$(PY) -m pip install -q -e ".[dev,serve,video,train]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,100 +1,129 @@
-"""`make demo`: run the whole inference path on a checkpoint directory and say what happened.
+"""`make demo`: train a tiny Ovis from scratch through the whole curriculum on the synthetic world.
 
-Until the synthetic-world curriculum lands, the default checkpoint is a tiny *random-weight* model from
-the golden fixtures (official on-disk format), so the answers are gibberish by construction: the demo
-shows the machinery (preprocessing, visual tokenizer, prompt, forward, thinking-budget generation).
-    python -m ovis25.demo [MODEL_DIR]
+    python -m ovis25.demo [--name demo] [--preset tiny|ci] [--seed 0] [--quick]
+
+Writes `runs/<name>/`: the world, an initial checkpoint, one checkpoint per phase (official format), and
+after every phase `eval.json` = {phase: {task: {"accuracy", "n", "thinking"[, "mean_iou"]}}} (phases with
+thinking-on evaluation appear again as `<phase>+think`), then `report.md` with plots and examples.
+
+Phases (recipes in recipes/tiny/): P0 language pretraining of the from-scratch LLM on the world's text
+(a real run starts from a pretrained Qwen3 instead), P1 VET pretraining on captions, P2 multimodal
+pretraining, P3 instruction tuning with thinking traces, P4 DPO, P5 GRPO.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import json
+import logging
+import re
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
-import ovis25
+from .chat import Chat
+from .eval import evaluate, format_table, load_items
+from .report import write_report
 
-DEFAULT_FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-
-
-def sample_image() -> Image.Image:
-    """A 320x200 picture with a few shapes: a native, non-square resolution."""
-    img = Image.new("RGB", (320, 200), "white")
-    draw = ImageDraw.Draw(img)
-    draw.rectangle((20, 30, 110, 120), fill="red")
-    draw.ellipse((150, 50, 230, 130), fill="blue")
-    draw.polygon([(260, 170), (300, 100), (310, 175)], fill="green")
-    return img
+log = logging.getLogger("ovis25.demo")
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = REPO / "recipes" / "tiny"
+PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}
+TRAIN_PHASES = ("p0", "p1", "p2", "p3")
+THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
 
 
-def default_model_dir() -> Path:
-    root = Path(os.environ.get("OVIS25_FIXTURES", DEFAULT_FIXTURES))
-    candidates = sorted((root / "models").glob("*/config.json"))
-    if not candidates:
-        sys.exit(f"No checkpoint given and no fixture models under {root}/models. "
-                 "Pass a checkpoint directory: python -m ovis25.demo MODEL_DIR")
-    return candidates[0].parent
+def text_only_dataset(world: Path) -> None:
+    """`synth_text`: captions and answers as plain text conversations (placeholders and images removed)."""
+    info = json.loads((world / "datainfo.json").read_text())
+    if "synth_text" in info:
+        return
+    samples = []
+    for name in ("synth_caption", "synth_qa"):
+        meta = json.loads((world / info[name]["meta_file"]).read_text())
+        for s in meta:
+            if "caption" in s:
+                conv = [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": s["caption"]}]
+            else:
+                conv = [{"from": t["from"], "value": re.sub(r"<(image|video)>\n?", "", t["value"])}
+                        for t in s["conversations"]]
+            samples.append({"id": f"text-{s['id']}", "conversations": conv})
+    (world / "meta" / "text.json").write_text(json.dumps(samples))
+    info["synth_text"] = {"meta_file": "meta/text.json", "image_dir": "images", "data_format": "conversation"}
+    (world / "datainfo.json").write_text(json.dumps(info, indent=2))
+
+
+def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, limit: int | None,
+                   results: dict, run: Path) -> None:
+    chat = Chat.from_pretrained(model_dir, dtype=torch.float32)
+    items = load_items(world / "test.jsonl", world / "images", limit)
+    modes = [False, True] if thinking else [False]
+    for think in modes:
+        summary, rows = evaluate(chat, items, think, max_new_tokens=160 if think else 32, **PIXELS)
+        key = f"{phase}+think" if think else phase
+        results[key] = summary
+        (run / phase / f"answers{'-think' if think else ''}.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in rows) + "\n")
+    (run / "eval.json").write_text(json.dumps(results, indent=2))
+
+
+def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides: dict | None = None,
+             eval_limit: int | None = None, runs_dir: Path = Path("runs")) -> Path:
+    from .synth import build_world, write_model_dir
+    from .train import load_recipe, train
+
+    run = runs_dir / name
+    run.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    world = run / "world"
+    if not (world / "world.json").exists():
+        log.info("building the synthetic world (%s preset) in %s", preset, world)
+        build_world(world, seed=seed, sizes=preset, progress=True)
+    text_only_dataset(world)
+    init = run / "init"
+    if not (init / "config.json").exists():
+        write_model_dir(init, world / "tokenizer", seed=seed)
+
+    results = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    timings = {}
+    previous = init
+    for phase in TRAIN_PHASES:
+        t0 = time.perf_counter()
+        final = run / phase / "final"
+        if not (final / "config.json").exists():
+            keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{world / "datainfo.json"}"',
+                    f"seed={seed}"] + [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
+            train(load_recipe(RECIPES / f"{phase}.toml", keys))
+        timings[phase] = time.perf_counter() - t0
+        if phase != "p0":
+            evaluate_phase(final, world, phase, phase >= THINKING_FROM, eval_limit, results, run)
+            print(f"\n== after {phase}\n" + format_table({k: v for k, v in results.items() if k.startswith(phase)}))
+        previous = final
+    link = run / "final"  # the last phase's checkpoint, for `ovis25 chat runs/<name>/final`
+    if link.is_symlink():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(previous.resolve(), target_is_directory=True)
+    timings["total"] = time.perf_counter() - t_start
+    write_report(run, results, timings)
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", nargs="?", type=Path)
+    ap.add_argument("--name", default="demo")
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "ci"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-limit", type=int, default=None, help="at most this many test items per task")
     args = ap.parse_args(argv)
-    model_dir = args.model_dir or default_model_dir()
-    print(f"== ovis25 demo on {model_dir}")
-    if args.model_dir is None:
-        print("   (a tiny checkpoint with RANDOM weights: the text it produces is meaningless by design)")
-
-    t0 = time.perf_counter()
-    model = ovis25.Ovis.from_pretrained(model_dir, dtype=torch.float32)
-    proc = ovis25.Processor.from_pretrained(model_dir)
-    n_params = sum(p.numel() for p in model.parameters())
-    vc, lc = model.config.vit_config, model.config.llm_config
-    print(f"1. loaded in {time.perf_counter() - t0:.2f}s: {n_params:,} parameters; ViT {vc.num_hidden_layers} blocks "
-          f"x {vc.hidden_size}, Qwen3 {lc.num_hidden_layers} layers x {lc.hidden_size}, "
-          f"visual vocab {model.config.visual_vocab_size}")
-
-    image = sample_image()
-    budget = dict(min_pixels=64 * 64, max_pixels=256 * 256)
-    pixel_values, grid = proc.preprocess_image(image, **budget)
-    t, h, w = grid[0].tolist()
-    print(f"2. image {image.width}x{image.height} -> resized to {w * vc.patch_size}x{h * vc.patch_size} px "
-          f"(budget {budget}), grid (t,h,w)={t, h, w}: {pixel_values.shape[0]} patches of {pixel_values.shape[1]} "
-          f"values -> {model.num_visual_atoms(grid)} visual tokens")
-
-    with torch.no_grad():
-        probs = model.visual_tokenizer(pixel_values, grid)
-    top = probs.max(-1)
-    print(f"3. visual tokenizer: probabilities {tuple(probs.shape)}, rows sum to "
-          f"{probs.sum(-1).mean():.4f}; mean top-1 probability {top.values.mean():.3f}")
-
-    messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": "What shapes do you see?"}]}]
-    print("4. prompt rendered with the checkpoint's chat template:")
-    print("   " + proc.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
-          .replace("\n", "\n   "))
-    batch = proc(messages, enable_thinking=False, **budget)
-    with torch.no_grad():
-        out = model(batch["input_ids"], batch["pixel_values"], batch["grid_thws"])
-    ids = batch["input_ids"][0]
-    print(f"5. forward: {ids.numel()} positions ({int((ids == -300).sum())} visual) -> logits {tuple(out.logits.shape)}")
-
-    chat = ovis25.Chat(model, proc)
-    for think, budget_tokens in ((False, None), (True, 4)):
-        t0 = time.perf_counter()
-        res = chat.generate(messages, enable_thinking=think, thinking_budget=budget_tokens, max_new_tokens=24,
-                            **budget)
-        dt = time.perf_counter() - t0
-        label = f"thinking on, budget {budget_tokens}" if think else "thinking off"
-        print(f"6. generate ({label}): {len(res.token_ids)} tokens in {dt:.2f}s, finish={res.finish_reason}")
-        if think:
-            print(f"   thinking: {res.thinking!r}")
-        print(f"   answer:   {res.text!r}")
-    print("Done. Random weights give random words; train or load a released checkpoint for real answers.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run = run_demo(args.name, args.preset, args.seed, eval_limit=args.eval_limit)
+    results = json.loads((run / "eval.json").read_text())
+    print("\n" + format_table(results))
+    print(f"\nReport: {run / 'report.md'}")
+    print(f"Try it:  ovis25 chat {run / 'final'} --image {run / 'world/images/test/count'}/test-count-00000.png "
+          f"\"How many circles are there?\"")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""Evaluation on a JSONL benchmark: accuracy per task, with thinking on and/or off.
+
+A benchmark line is `{"id", "task", "question" | "conversations", "image": path | [paths] |
+"video_frames": [paths], "answer", "metric"}` with paths relative to the file's folder (or `image_dir`)
+and metric one of `ovis25.metrics.METRICS` (`iou` counts a hit at IoU >= 0.5 and also reports mean IoU).
+The synthetic world's held-out split (`WORLD/test.jsonl`, images under `WORLD/images`) is the `synth` suite.
+
+    python -m ovis25.eval MODEL_DIR --suite synth --world runs/demo/world [--thinking both] [--out eval.json]
+    python -m ovis25.eval MODEL_DIR --data my_bench.jsonl --image-dir images/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .metrics import score
+
+IOU_HIT = 0.5
+
+
+@dataclass
+class EvalItem:
+    id: str
+    task: str
+    conversations: list[dict]
+    images: list[Path]
+    video: list[Path] | None
+    answer: str
+    metric: str
+
+
+def load_items(path: str | Path, image_dir: str | Path | None = None, limit_per_task: int | None = None) -> list[EvalItem]:
+    path = Path(path)
+    root = Path(image_dir) if image_dir is not None else path.parent
+    items, per_task = [], defaultdict(int)
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+        missing = [k for k in ("answer",) if k not in row] + ([] if "question" in row or "conversations" in row
+                                                              else ["question"])
+        if missing:
+            raise ValueError(f"{path}: line {n}: missing field(s) {', '.join(missing)}")
+        task = row.get("task", "default")
+        if limit_per_task is not None and per_task[task] >= limit_per_task:
+            continue
+        per_task[task] += 1
+        images = row.get("image") or []
+        images = [root / p for p in ([images] if isinstance(images, str) else images)]
+        video = [root / p for p in row["video_frames"]] if row.get("video_frames") else None
+        conversations = row.get("conversations") or [
+            {"from": "human", "value": "<video>\n" * bool(video) + "<image>\n" * len(images) + row["question"]}]
+        items.append(EvalItem(str(row.get("id", n)), task, conversations, images, video, str(row["answer"]),
+                              row.get("metric", "exact")))
+    return items
+
+
+def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens: int = 64,
+             thinking_budget: int | None = None, batch_size: int = 16, progress: bool = True,
+             **pixels) -> tuple[dict, list[dict]]:
+    """Greedy answers for every item -> ({task: {"accuracy", "n", "thinking"[, "mean_iou"]}}, per-item rows)."""
+    rows = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc=f"eval thinking={'on' if enable_thinking else 'off'}", unit="q",
+                   leave=False)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        results = chat.generate_batch([it.conversations for it in chunk], images=[it.images or None for it in chunk],
+                                      videos=[[it.video] if it.video else None for it in chunk],
+                                      enable_thinking=enable_thinking, thinking_budget=thinking_budget,
+                                      max_new_tokens=max_new_tokens, **pixels)
+        for it, res in zip(chunk, results):
+            value = score(it.metric, res.text, it.answer)
+            rows.append({"id": it.id, "task": it.task, "answer": it.answer, "response": res.text,
+                         "thinking": res.thinking, "metric": it.metric, "score": value})
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    summary: dict[str, dict] = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        scores = [r for r in rows if r["task"] == task]
+        hits = [(r["score"] >= IOU_HIT) if r["metric"] == "iou" else r["score"] for r in scores]
+        summary[task] = {"accuracy": sum(hits) / len(hits), "n": len(hits), "thinking": enable_thinking}
+        if scores[0]["metric"] == "iou":
+            summary[task]["mean_iou"] = sum(r["score"] for r in scores) / len(scores)
+    return summary, rows
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    """results: {column label: {task: summary}} -> markdown table of accuracies (mean IoU in brackets)."""
+    tasks = list(dict.fromkeys(t for col in results.values() for t in col))
+    lines = ["| task | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for t in tasks:
+        cells = []
+        for col in results.values():
+            s = col.get(t)
+            cells.append("" if s is None else f"{s['accuracy']:.2f}" + (f" (IoU {s['mean_iou']:.2f})"
+                                                                        if "mean_iou" in s else ""))
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from .chat import Chat
+    ap = argparse.ArgumentParser(prog="ovis25 eval", description="Accuracy per task on a JSONL benchmark.")
+    ap.add_argument("model_dir")
+    ap.add_argument("--suite", choices=["synth"], help="the synthetic world's held-out split (needs --world)")
+    ap.add_argument("--world", help="a synthetic world directory (python -m ovis25.synth)")
+    ap.add_argument("--data", help="a JSONL benchmark file")
+    ap.add_argument("--image-dir")
+    ap.add_argument("--thinking", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    ap.add_argument("--min-pixels", type=int, default=32 * 32)
+    ap.add_argument("--max-pixels", type=int, default=256 * 256)
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    if args.suite == "synth":
+        if not args.world:
+            sys.exit("ovis25 eval: --suite synth needs --world DIR")
+        data, image_dir = Path(args.world) / "test.jsonl", Path(args.world) / "images"
+    elif args.data:
+        data, image_dir = Path(args.data), args.image_dir
+    else:
+        sys.exit("ovis25 eval: give --suite synth --world DIR or --data FILE")
+    try:
+        items = load_items(data, image_dir, args.limit)
+        chat = Chat.from_pretrained(args.model_dir, dtype=torch.float32)
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.thinking]
+        results = {}
+        for think in modes:
+            summary, _ = evaluate(chat, items, think, args.max_new_tokens, args.budget, min_pixels=args.min_pixels,
+                                  max_pixels=args.max_pixels)
+            results[f"thinking {'on' if think else 'off'}"] = summary
+    except ValueError as e:
+        sys.exit(f"ovis25 eval: {e}")
+    print(format_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

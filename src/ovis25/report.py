@@ -1,0 +1,118 @@
+"""The demo's report: `report.md` with loss curves per phase, accuracy per task after each phase and a
+few test images with the final model's answers (grounding boxes drawn)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from .eval import format_table
+from .grounding import draw_grounding, parse_boxes
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def plot_losses(run: Path, out: Path) -> bool:
+    plt = _plt()
+    phases = [p for p in sorted(run.glob("p*/metrics.jsonl"))]
+    if plt is None or not phases:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    offset = 0
+    for file in phases:
+        rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        key = "loss" if rows and "loss" in rows[0] else None
+        if key is None:
+            continue
+        ax.plot([offset + r["step"] for r in rows], [r[key] for r in rows], label=file.parent.name)
+        offset += rows[-1]["step"]
+    ax.set(xlabel="step (phases back to back)", ylabel="training loss", title="loss per phase")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_accuracy(results: dict, out: Path) -> bool:
+    plt = _plt()
+    if plt is None or not results:
+        return False
+    columns = list(results)
+    tasks = list(dict.fromkeys(t for col in results.values() for t in col))
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / len(columns)
+    for i, col in enumerate(columns):
+        ax.bar([t + i * width for t in range(len(tasks))], [results[col].get(task, {}).get("accuracy", 0)
+                                                              for task in tasks], width, label=col)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
+    ax.set(ylabel="accuracy (held out)", ylim=(0, 1), title="accuracy per task after each phase")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def example_images(run: Path, answers_file: Path, out_dir: Path, per_task: int = 1) -> list[tuple[str, str, dict]]:
+    """Save a few test images with the answer (boxes drawn for grounding); returns (file, caption, row)."""
+    if not answers_file.exists():
+        return []
+    test = {json.loads(line)["id"]: json.loads(line) for line in (run / "world" / "test.jsonl").read_text().splitlines()
+            if line.strip()}
+    rows = [json.loads(line) for line in answers_file.read_text().splitlines() if line.strip()]
+    out_dir.mkdir(exist_ok=True)
+    shown, examples = {}, []
+    for row in rows:
+        item = test.get(row["id"])
+        if item is None or shown.get(row["task"], 0) >= per_task:
+            continue
+        path = item.get("image") or (item.get("video_frames") or [None])[0]
+        if isinstance(path, list):
+            path = path[0]
+        if path is None:
+            continue
+        image = Image.open(run / "world" / "images" / path).convert("RGB")
+        if parse_boxes(row["response"]):
+            image = draw_grounding(image, row["response"], color="red")
+        if parse_boxes(row["answer"]):
+            image = draw_grounding(image, row["answer"], color="green", width=1)
+        name = f"{row['task']}.png"
+        image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(out_dir / name)
+        shown[row["task"]] = shown.get(row["task"], 0) + 1
+        examples.append((f"{out_dir.name}/{name}", item.get("question", ""), row))
+    return examples
+
+
+def write_report(run: Path, results: dict, timings: dict) -> Path:
+    lines = [f"# ovis25 demo run `{run.name}`", "",
+             "A tiny Ovis2.5 trained from scratch on CPU through the curriculum on the synthetic world; "
+             "accuracy is on the held-out test split (greedy decoding).", ""]
+    lines += ["## Time per phase", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [""]
+    lines += ["## Accuracy per task (held out)", "", format_table(results), ""]
+    if plot_accuracy(results, run / "accuracy.png"):
+        lines += ["![accuracy](accuracy.png)", ""]
+    if plot_losses(run, run / "loss.png"):
+        lines += ["## Training loss", "", "![loss](loss.png)", ""]
+    final_phase = sorted(p.name for p in run.glob("p*") if (p / "answers.jsonl").exists())
+    if final_phase:
+        examples = example_images(run, run / final_phase[-1] / "answers.jsonl", run / "examples")
+        if examples:
+            lines += [f"## Examples (model after {final_phase[-1]}; red: predicted box, green: reference)", ""]
+            for file, question, row in examples:
+                verdict = "correct" if row["score"] >= (0.5 if row["metric"] == "iou" else 1) else "wrong"
+                lines += [f"**{row['task']}** — {question}  ", f"answer: `{row['response']}` "
+                          f"(reference `{row['answer']}`, {verdict})  ", f"![{row['task']}]({file})", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

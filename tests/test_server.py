@@ -3,6 +3,7 @@ client (and raw HTTP for malformed requests): parity with Chat.generate, streami
 limits and errors, concurrency, queue limits and client disconnects."""
 import base64
 import http.client
+import http.server
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from conftest import FIXTURES, REPO, manifest, model_dirs, requires_fixtures
 import ovis25
 from ovis25.reasoning import strip_think_tags
 from ovis25.serve import ServerSettings, create_app
+from ovis25.serve.worker import EngineWorker, QueueFull
 
 pytestmark = requires_fixtures
 
@@ -250,6 +252,58 @@ def test_local_files_and_video(server, allowed_dir):
     assert res.choices[0].message.content == expected.text
 
 
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves FILES; /slow.png dribbles its bytes out slower than the server's fetch timeout allows."""
+
+    FILES: dict[str, bytes] = {}
+
+    def do_GET(self):
+        data = self.FILES.get(self.path.lstrip("/").removeprefix("slow-"))
+        if data is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.path.startswith("/slow-"):
+            for i in range(0, len(data), 64):
+                self.wfile.write(data[i:i + 64])
+                self.wfile.flush()
+                time.sleep(0.05)
+        else:
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_remote_urls():
+    """--allow-remote-urls: http(s) images are fetched within the size and time limits."""
+    small = image_file(0).read_bytes()
+    _Files.FILES = {"img.png": small, "big.png": png_bytes(Image.effect_noise((200, 200), 50).convert("RGB"))}
+    assert len(_Files.FILES["big.png"]) > 20_000 > len(small)
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    settings = ServerSettings(model_name="remote", allow_remote_urls=True, max_media_bytes=20_000, fetch_timeout=1.0)
+    server = Server(create_app(ovis25.Chat.from_pretrained(model_dir()), settings))
+    try:
+        client = server.client()
+        expected = reference().generate(as_chat_messages("Look.", Image.open(image_file(0))), max_new_tokens=6,
+                                        **SMALL)
+        res = client.chat.completions.create(model="remote", messages=image_message("Look.", f"{base}/img.png"),
+                                             max_tokens=6, temperature=0, extra_body=SMALL_KWARGS)
+        assert res.choices[0].message.content == expected.text
+        for path, code in (("big.png", "media_too_large"), ("slow-img.png", "fetch_timeout"),
+                           ("missing.png", "fetch_failed")):
+            body = json.dumps({"messages": image_message("Look.", f"{base}/{path}"), "max_tokens": 2}).encode()
+            status, reply = raw(server.port, "POST", "/v1/chat/completions", body)
+            assert (status, reply["error"]["code"]) == (400, code), reply
+    finally:
+        server.close()
+        files.shutdown()
+
+
 # ---- bad requests ------------------------------------------------------------------------------------------------
 
 def chat_body(**changes) -> dict:
@@ -264,6 +318,9 @@ def with_image(url: str) -> dict:
 BAD_REQUESTS = {
     "malformed base64": (lambda d: with_image("data:image/png;base64,@@not*base64@@"), 400, "invalid_base64"),
     "non-image bytes": (lambda d: with_image(data_url(b"this is plain text, not a picture")), 400, "invalid_image"),
+    "a video that is not one": (lambda d: chat_body(messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": data_url(b"garbage" * 100, "video/mp4")}}]}]), 400,
+        "invalid_video"),
     "too many pixels": (lambda d: with_image(data_url(png_bytes(Image.new("RGB", (1200, 1000))))), 400,
                         "image_too_large"),
     "pixel budget over the limit": (lambda d: chat_body(
@@ -306,7 +363,8 @@ def test_malformed_http(server):
     status, body = raw(server.port, "POST", "/v1/chat/completions", b"[1, 2]", auth)
     assert status == 400
     status, body = raw(server.port, "POST", "/v1/chat/completions", b" " * 400_000, auth)
-    assert (status, body["error"]["code"]) == (413, "request_too_large") and "--max-body-bytes" in body["error"]["message"]
+    assert (status, body["error"]["code"]) == (413, "request_too_large")
+    assert "--max-body-bytes" in body["error"]["message"]
     status, body = raw(server.port, "GET", "/v1/nowhere", headers=auth)
     assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
 
@@ -353,6 +411,14 @@ def test_concurrent_requests_equal_one_by_one(server):
     assert status == 200 and body["requests"] == 0
 
 
+def wait_idle(port: int) -> None:
+    """Until the server holds no request (an aborted one must go within seconds, not run 100000 tokens)."""
+    deadline = time.monotonic() + 10
+    while raw(port, "GET", "/health")[1]["requests"]:
+        assert time.monotonic() < deadline, "the abandoned request was not aborted"
+        time.sleep(0.05)
+
+
 def test_cli_server_queue_limit_and_disconnect():
     """`ovis25 serve` with one slot and no queue: a second request gets 429 at once; closing a stream aborts
     its generation and frees the slot."""
@@ -383,12 +449,62 @@ def test_cli_server_queue_limit_and_disconnect():
             client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=2)
         assert err.value.body["code"] == "queue_full"
         long.close()  # the client goes away mid-stream
-        deadline = time.monotonic() + 10
-        while raw(port, "GET", "/health")[1]["requests"]:
-            assert time.monotonic() < deadline, "the closed stream was not aborted"
-            time.sleep(0.05)
+        wait_idle(port)
+
+        # The same for a non-streaming request whose client hangs up while it is being generated.
+        body = json.dumps({"messages": messages, "max_tokens": 100000, "ignore_eos": True}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 10
+            while not raw(port, "GET", "/health")[1]["requests"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        wait_idle(port)
         res = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=2)
         assert res.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_worker_survives_a_failing_engine():
+    """An exception inside the engine fails the requests in flight with an error event; the worker lives on."""
+
+    class BrokenEngine:
+        def __init__(self):
+            self.live = []
+
+        def add_request(self, input_ids, pixel_values, grid_thws, config, request_id):
+            if config == "bad":
+                raise ValueError("bad prompt")
+            self.live.append(request_id)
+
+        def has_unfinished(self):
+            return bool(self.live)
+
+        def step(self):
+            raise RuntimeError("out of memory")
+
+        def abort(self, request_id):
+            self.live.remove(request_id)
+
+    worker = EngineWorker(BrokenEngine(), capacity=2)
+    worker.start()
+    try:
+        events = []
+        with pytest.raises(QueueFull):
+            worker.submit([("a", {"input_ids": [1]}, None)] * 3, events.append)
+        worker.submit([("a", {"input_ids": [1]}, None), ("b", {"input_ids": [1]}, "bad")], events.append)
+        deadline = time.monotonic() + 5
+        while len(events) < 2 or worker.held:
+            assert time.monotonic() < deadline, events
+            time.sleep(0.01)
+        assert sorted(message for _, message in events) == ["bad prompt",
+                                                            "generation failed: RuntimeError: out of memory"]
+    finally:
+        worker.stop()

@@ -91,7 +91,7 @@ class ChatSession:
         min_pixels, max_pixels = self.pixel_budget(bool(videos))
         input_ids, _, pixel_values, grid_thws = self.chat.processor.format_conversation(
             conversation, images=images, videos=videos, min_pixels=min_pixels, max_pixels=max_pixels,
-            num_frames=self.num_frames, generation_preface="" if self.enable_thinking else THINK_OFF_PREFACE)
+            generation_preface="" if self.enable_thinking else THINK_OFF_PREFACE)
         config = self.chat.generation_config.replace(
             max_new_tokens=self.max_new_tokens, enable_thinking=self.enable_thinking,
             thinking_budget=self.thinking_budget if self.enable_thinking else None)
@@ -157,14 +157,15 @@ class Display:
 
     def text(self, delta: str) -> None:
         if delta:
-            self._end_thinking("\n\n")
+            self.close_thinking("\n\n")
             self._write(delta)
 
     def end(self) -> None:
-        self._end_thinking("")
+        self.close_thinking()
         self._write("\n")
 
-    def _end_thinking(self, separator: str) -> None:
+    def close_thinking(self, separator: str = "") -> None:
+        """Leave the thinking (restoring the terminal's colours), then write `separator`."""
         if self.in_thinking:
             self._write((RESET if self.color else "") + separator)
             self.in_thinking = False
@@ -175,12 +176,15 @@ class Display:
 
 
 def answer(session: ChatSession, prompt: str, display: Display, stream: bool) -> GenerationResult:
-    if stream:
-        result = session.ask(prompt, display.thinking, display.text)
-    else:
-        result = session.ask(prompt)
-        display.thinking(strip_think_tags(result.thinking))
-        display.text(result.text)
+    try:
+        if stream:
+            result = session.ask(prompt, display.thinking, display.text)
+        else:
+            result = session.ask(prompt)
+            display.thinking(strip_think_tags(result.thinking))
+            display.text(result.text)
+    finally:  # interrupted or not, leave the terminal in its normal colours
+        display.close_thinking()
     display.end()
     return result
 
@@ -203,14 +207,19 @@ def load_chat(args: argparse.Namespace) -> Chat:
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         raise CLIError(f"{model_dir}: not a checkpoint directory (no config.json)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise CLIError(f"invalid --device {args.device!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     print(f"Loading {model_dir} ({dtype} on {device}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
         chat = Chat.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device,
                                     use_generation_config=args.generation_config)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # whatever went wrong, say which checkpoint and why in one line
         raise CLIError(f"cannot load {model_dir}: {e}") from e
     print(f"Loaded in {time.perf_counter() - start:.1f}s.", file=sys.stderr, flush=True)
     return chat
@@ -234,10 +243,9 @@ def run_chat(args: argparse.Namespace) -> int:
         return Display(sys.stdout, args.show_thinking or tty, color=tty)
 
     if args.prompt is not None:
-        image = session.first_image
         result = answer(session, args.prompt, display(), stream)
         if args.draw:
-            draw(image, result.text, args.draw)
+            draw(session.first_image, result.text, args.draw)
         return 0
     return interactive(session, display, stream, args.draw)
 

@@ -3,6 +3,10 @@
 Request handlers parse and preprocess (images, prompt) in the thread pool, then hand the prompt to the
 `EngineWorker`, the single thread that owns the `Engine`, and wait for its events on an asyncio queue.
 A client that goes away has its request aborted, which frees its slot at the next engine step.
+
+Thinking (`chat_template_kwargs.enable_thinking`) comes back as `reasoning_content`, without the
+<think>/</think> tags. As in the reference chat(), a reply that never closes </think> counts as the answer:
+it is all `content`; streamed, its text first arrives as reasoning deltas and then once more as content.
 """
 from __future__ import annotations
 
@@ -49,7 +53,6 @@ def create_app(chat: Chat, settings: ServerSettings) -> FastAPI:
 
     # No /docs or /openapi.json: every route but /health sits behind the API key.
     app = FastAPI(title="ovis25", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker = worker
     _install_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -129,7 +132,8 @@ def serve(chat: Chat, settings: ServerSettings, host: str = "127.0.0.1", port: i
     """Run the API with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(chat, settings), host=host, port=port, log_level=log_level)
+    # Running generations would otherwise hold a shutdown (Ctrl-C, SIGTERM) until they finish.
+    uvicorn.run(create_app(chat, settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
 # ---- request and response helpers -------------------------------------------------------------------------
@@ -156,18 +160,22 @@ async def _collect(worker: EngineWorker, events: asyncio.Queue, ids: list[str],
                    request: Request) -> list[GenerationResult] | None:
     """Final results in choice order, or None when the client disconnected (its requests are aborted)."""
     results: dict[str, GenerationResult] = {}
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + _DISCONNECT_POLL_S
     try:
         while len(results) < len(ids):
             try:
                 kind, payload = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return None
-                continue
+                kind, payload = None, None
             if kind == "error":
                 raise APIError(500, payload, None, "generation_failed")
-            if payload.finished:
+            if kind == "output" and payload.finished:
                 results[payload.request_id] = payload.result
+            if loop.time() >= check_at:  # events arrive at every token, so check on a clock
+                if await request.is_disconnected():
+                    return None
+                check_at = loop.time() + _DISCONNECT_POLL_S
         return [results[i] for i in ids]
     finally:
         if len(results) < len(ids):

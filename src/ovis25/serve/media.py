@@ -115,7 +115,7 @@ def _fetch(url: str, where: str, settings: ServerSettings) -> bytes:
                 raise APIError(400, f"{where}: remote file is {declared} bytes, more than the server's limit of "
                                     f"{limit} bytes", where, "media_too_large")
             chunks, total = [], 0
-            while chunk := response.read(1 << 16):
+            while chunk := response.read1(1 << 16):  # returns what has arrived, so the clock is checked
                 total += len(chunk)
                 if total > limit:
                     raise APIError(400, f"{where}: remote file is larger than the server's limit of {limit} bytes",
@@ -155,15 +155,19 @@ def _local_path(url: str, where: str, settings: ServerSettings) -> Path:
 
 
 def _check_size(path: Path, where: str, settings: ServerSettings) -> None:
-    if path.stat().st_size > settings.max_media_bytes:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise APIError(400, f"{where}: cannot read the file: {e.strerror or e}", where, "file_not_found") from e
+    if size > settings.max_media_bytes:
         raise APIError(400, f"{where}: file is larger than the server's limit of {settings.max_media_bytes} bytes",
                        where, "media_too_large")
 
 
 def _read_local(url: str, where: str, settings: ServerSettings) -> bytes:
     path = _local_path(url, where, settings)
+    _check_size(path, where, settings)
     try:
-        _check_size(path, where, settings)
         return path.read_bytes()
     except OSError as e:
         raise APIError(400, f"{where}: cannot read the file: {e.strerror or e}", where, "file_not_found") from e
@@ -172,5 +176,7 @@ def _read_local(url: str, where: str, settings: ServerSettings) -> bytes:
 def _read_video(path: str | Path, where: str, num_frames: int) -> list[Image.Image]:
     try:
         return read_video(path, num_frames)
+    except ImportError as e:
+        raise APIError(400, f"{where}: this server cannot read videos: {e}", where, "video_unsupported") from e
     except ValueError as e:
         raise APIError(400, f"{where}: {e}", where, "invalid_video") from e

@@ -189,7 +189,10 @@ def _generation_config(body: dict, settings: ServerSettings, defaults: Generatio
             raise APIError(400, "repetition_penalty must be > 0", "repetition_penalty", "invalid_value")
         changes["repetition_penalty"] = penalty
     if body.get("seed") is not None:
-        changes["seed"] = _int(body, "seed", 0, None)
+        seed = _int(body, "seed", 0, -2**63)
+        if seed > 2**63 - 1:
+            raise APIError(400, f"seed must fit in a signed 64-bit integer, got {seed}", "seed", "invalid_value")
+        changes["seed"] = seed
     if _bool(body, "ignore_eos", False):
         changes["eos_token_ids"] = ()
     changes["stop"] = _stop(body.get("stop"))

@@ -81,8 +81,10 @@ class EngineWorker:
                 try:
                     self.engine.add_request(prompt["input_ids"], prompt.get("pixel_values"), prompt.get("grid_thws"),
                                             config, request_id=request_id)
-                except ValueError as e:
-                    self._release(1)
+                except Exception as e:  # a bad request must not take the worker thread down
+                    if not isinstance(e, ValueError):
+                        log.exception("add_request failed")
+                    self._release()
                     self._deliver(sink, ("error", str(e)))
                 else:
                     self._sinks[request_id] = sink
@@ -90,12 +92,12 @@ class EngineWorker:
             for request_id in message[1]:
                 if self._sinks.pop(request_id, None) is not None:
                     self.engine.abort(request_id)
-                    self._release(1)
+                    self._release()
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # keep serving: fail the requests of this batch, not the server
+        except Exception as e:  # keep serving: fail the requests in flight, not the server
             log.exception("engine step failed")
             self._fail_all(f"generation failed: {type(e).__name__}: {e}")
             return
@@ -105,7 +107,7 @@ class EngineWorker:
                 continue
             if out.finished:
                 del self._sinks[out.request_id]
-                self._release(1)
+                self._release()
             if not self._deliver(sink, ("output", out)) and not out.finished:
                 self._handle(("abort", [out.request_id]))  # nobody is listening any more
 
@@ -114,9 +116,9 @@ class EngineWorker:
             self._handle(("abort", [request_id]))
             self._deliver(sink, ("error", message))
 
-    def _release(self, count: int) -> None:
+    def _release(self) -> None:
         with self._lock:
-            self._held -= count
+            self._held -= 1
 
     @staticmethod
     def _deliver(sink: Sink, event: tuple[str, object]) -> bool:

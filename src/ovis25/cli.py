@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+from functools import partial
 import os
 import sys
 import time
@@ -355,7 +357,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """-> (the `ovis25` parser, its `chat` sub-parser)."""
     parser = argparse.ArgumentParser(prog="ovis25", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)  # later: train, eval
+    commands = parser.add_subparsers(dest="command", required=True)
 
     p = chat = commands.add_parser("chat", help="answer a prompt, or chat interactively when no prompt is given")
     add_model_args(p)
@@ -397,12 +399,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--max-media-bytes", type=positive_int, default=64 * 2**20, help="one image/video file")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
+
+    # train / eval / demo have their own parsers: pass the rest of the command line through
+    for name, help_text in (("train", "train one phase: ovis25 train RECIPE.toml [key=value ...]"),
+                            ("eval", "accuracy per task: ovis25 eval MODEL_DIR --suite synth --world DIR"),
+                            ("demo", "the tiny five-phase curriculum on the synthetic world")):
+        p = commands.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=partial(run_module, name))
     return parser, chat
+
+
+def run_module(name: str, args: argparse.Namespace) -> int:
+    module = {"train": "ovis25.train.__main__", "eval": "ovis25.eval", "demo": "ovis25.demo"}[name]
+    importlib.import_module(module).main(args.args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, chat_parser = build_parser()
+    if argv[:1] in (["train"], ["eval"], ["demo"]):  # their own parsers see every argument, --help included
+        return run_module(argv[0], argparse.Namespace(args=argv[1:]))
     if argv[:1] == ["chat"]:  # the prompt may come after options: `chat MODEL --image a.png "prompt"`
         args = chat_parser.parse_intermixed_args(argv[1:])
     else:

@@ -1,0 +1,28 @@
+"""The fast CI variant of `make demo`: every phase of the tiny curriculum runs on the `ci` world."""
+import json
+
+from ovis25 import Ovis, Processor
+from ovis25.demo import TRAIN_PHASES, run_demo
+
+
+def test_demo_pipeline_wiring(tmp_path):
+    run = run_demo("ci", "ci", overrides={"max_steps": 6, "max_tokens": 256, "epochs": 4, "progress": False}, eval_limit=2,
+                   runs_dir=tmp_path)
+    for phase in TRAIN_PHASES:
+        final = run / phase / "final"
+        assert (final / "config.json").exists() and (final / "model.safetensors").exists(), phase
+        rows = [json.loads(line) for line in (run / phase / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and all(r["loss"] == r["loss"] for r in rows), phase  # finite, one row per step
+    # the language pretraining phase learns something even in six steps
+    p0 = [json.loads(line)["loss"] for line in (run / "p0" / "metrics.jsonl").read_text().splitlines()]
+    assert p0[-1] < p0[0]
+    Ovis.from_pretrained(run / "final")
+    Processor.from_pretrained(run / "final")
+    results = json.loads((run / "eval.json").read_text())
+    assert {"p1", "p2", "p3", "p3+think"} <= set(results)
+    for phase, tasks in results.items():
+        assert tasks, phase
+        for task, s in tasks.items():
+            assert 0 <= s["accuracy"] <= 1 and s["n"] > 0 and s["thinking"] == phase.endswith("+think"), (phase, task)
+    report = (run / "report.md").read_text()
+    assert "Accuracy per task" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()

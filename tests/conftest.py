@@ -52,3 +52,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> Non
 
 
 requires_fixtures = pytest.mark.skipif(not FIXTURES.exists(), reason=f"fixtures not found at {FIXTURES}")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run faster on one thread, and far faster on a busy machine (no spinning thread pool)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,6 +25,7 @@ class OvisOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     hidden_states: list[torch.Tensor] | None = None
+    token_logps: torch.Tensor | None = None  # with `targets`: log p(target) at each supervised position, in order
 
 
 class Ovis(nn.Module):
@@ -110,7 +111,8 @@ class Ovis(nn.Module):
         `logits_to_keep` > 0 computes logits for the last that many positions only.
         `labels` gives the reference's mean next-token loss (labels shifted here). `targets` (already shifted,
         IGNORE_ID elsewhere) gives the *summed* cross entropy over supervised positions only, computing no
-        other logits (training: the trainer normalises by the global number of supervised tokens).
+        other logits (training: the trainer normalises by the global number of supervised tokens), and the
+        per-position log-probs of the targets (`token_logps`, for DPO/GRPO sequence and token scores).
         """
         if inputs_embeds is None:
             inputs_embeds = self.merge_embeddings(input_ids, pixel_values, grid_thws)
@@ -130,8 +132,8 @@ class Ovis(nn.Module):
         if targets is not None:
             keep = targets != IGNORE_ID
             logits = self.llm.lm_head(hidden[keep]).float()
-            loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-            return OvisOutput(logits=None, loss=loss, hidden_states=states)
+            token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+            return OvisOutput(logits=None, loss=token_loss.sum(), hidden_states=states, token_logps=-token_loss)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.llm.lm_head(hidden)

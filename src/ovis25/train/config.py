@@ -122,3 +122,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     known = {k: v for k, v in flat.items() if k in names}
     cfg = TrainConfig(**known, extra={k: v for k, v in flat.items() if k not in names})
     return cfg
+
+
+def phase_options(cls, extra: dict):
+    """The DPO/GRPO keys of a recipe (collected in `TrainConfig.extra`) as the phase's option dataclass;
+    a key the phase does not know is an error (a typo would otherwise be ignored silently)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(extra) - set(names))
+    if unknown:
+        raise ValueError(f"recipe: unknown key(s) {unknown}; this phase knows {names} besides the common keys")
+    options = cls(**extra)
+    options.validate()
+    return options

@@ -47,8 +47,10 @@ class DatasetSpec:
     ratio: float = 1.0  # share of the mixture (samples drawn with replacement when > the dataset size)
 
 
-def load_datainfo(path: str | Path, names: list[str] | None = None) -> list[DatasetSpec]:
-    """Datasets from a datainfo JSON; `names` entries may be `name` or `name:ratio` (mixture weight)."""
+def load_datainfo(path: str | Path, names: list[str] | None = None,
+                  formats: tuple[str, ...] = ("conversation", "caption")) -> list[DatasetSpec]:
+    """Datasets from a datainfo JSON; `names` entries may be `name` or `name:ratio` (mixture weight);
+    `formats`: the data formats the caller accepts."""
     path = Path(path)
     try:
         info = json.loads(path.read_text())
@@ -64,8 +66,9 @@ def load_datainfo(path: str | Path, names: list[str] | None = None) -> list[Data
         for key in ("meta_file", "data_format"):
             if key not in entry:
                 raise ValueError(f"datainfo {path}: dataset {name!r} lacks {key!r}")
-        if entry["data_format"] not in ("conversation", "caption"):
-            raise ValueError(f"datainfo {path}: dataset {name!r} has unknown data_format {entry['data_format']!r}")
+        if entry["data_format"] not in formats:
+            raise ValueError(f"datainfo {path}: dataset {name!r} has data_format {entry['data_format']!r}; "
+                             f"expected one of {formats}")
         resolve = lambda p: (path.parent / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
         specs.append(DatasetSpec(name, resolve(entry["meta_file"]), resolve(entry.get("image_dir", ".")),
                                  entry["data_format"], entry.get("caption_template") or DEFAULT_CAPTION_TEMPLATE,
@@ -206,12 +209,16 @@ class SampleBuilder:
         except ValueError as e:
             raise DataError("corrupt_image", str(e)) from None
 
-    def plan(self, sample: dict, spec: DatasetSpec, index: int) -> PlannedSample:
-        """Token ids and labels with visual blocks expanded, from image headers only."""
+    def plan(self, sample: dict, spec: DatasetSpec, index: int,
+             generation_preface: str | None = None) -> PlannedSample:
+        """Token ids and labels with visual blocks expanded, from image headers only.
+
+        With a `generation_preface` the sample is a generation prompt (RL rollouts): it ends with an open
+        assistant turn, has no labels, and is never truncated (too long is an error)."""
         conv = self.conversations(sample, spec)
         images, videos = self.visual_paths(sample, spec)
         try:
-            _, ids, labels = format_conversation(self.processor.tokenizer, conv, None)
+            _, ids, labels = format_conversation(self.processor.tokenizer, conv, generation_preface)
         except ValueError as e:
             raise DataError("bad_sample", str(e)) from None
         n_img, n_vid = ids.count(IMAGE_TOKEN_ID), ids.count(VIDEO_TOKEN_ID)
@@ -230,8 +237,11 @@ class SampleBuilder:
         ids, labels = expand_visual_placeholders(ids, image_grids, video_grids, self.processor.hidden_stride,
                                                  self.processor.temporal_patch_size, labels)
         if len(ids) > self.max_length:
+            if generation_preface is not None:
+                raise DataError("too_long", f"prompt of {len(ids)} tokens leaves no room for the response "
+                                            f"(limit {self.max_length})")
             ids, labels = self._truncate(ids, labels)
-        if all(label == IGNORE_ID for label in labels[1:]):
+        if generation_preface is None and all(label == IGNORE_ID for label in labels[1:]):
             raise DataError("no_labels", "no supervised tokens")
         visuals = [("image", p) for p in images] + [("frames" if isinstance(v, list) else "video", v) for v in videos]
         return PlannedSample(spec.name, index, len(ids), ids, labels, visuals, kind)
@@ -268,8 +278,25 @@ class SampleBuilder:
                            torch.cat(grids) if grids else None)
 
 
-def plan_datasets(specs: list[DatasetSpec], builder: SampleBuilder, seed: int) -> list[PlannedSample]:
-    """Plan every sample of a mixture; a dataset with ratio r contributes round(r * its size) samples."""
+def prompt_turns(sample: dict) -> list[dict]:
+    """The prompt of a preference / RL sample: official `conversations` ending with a human turn, or a
+    `question` string (one human turn, `<image>` placeholders allowed)."""
+    conv = sample.get("conversations")
+    if conv is None and isinstance(sample.get("question"), str) and sample["question"].strip():
+        return [{"from": "human", "value": sample["question"]}]
+    if not isinstance(conv, list) or not conv:
+        raise DataError("bad_prompt", "no prompt: need a non-empty 'conversations' list or a 'question' string")
+    if not isinstance(conv[-1], dict) or conv[-1].get("from") != "human":
+        raise DataError("bad_prompt", "the prompt's last turn must be from 'human'")
+    return conv
+
+
+def plan_datasets(specs: list[DatasetSpec], builder: SampleBuilder, seed: int, plan=None) -> list:
+    """Plan every sample of a mixture; a dataset with ratio r contributes round(r * its size) samples.
+
+    `plan(sample, spec, index)` (default `builder.plan`) turns one raw sample into a planned item or raises
+    DataError; errors are counted with the sample's id (or fail the run, per the builder's `on_error`)."""
+    plan = plan or builder.plan
     rng = random.Random(seed)
     planned: list[PlannedSample] = []
     for spec in specs:
@@ -285,7 +312,7 @@ def plan_datasets(specs: list[DatasetSpec], builder: SampleBuilder, seed: int) -
             try:
                 if isinstance(s, DataError):
                     raise s
-                ok.append(builder.plan(s, spec, i))
+                ok.append(plan(s, spec, i))
             except DataError as e:
                 where = f"{spec.name}[{i}]" + (f" (id {s.get('id')})" if isinstance(s, dict) else "")
                 if builder.on_error == "fail":

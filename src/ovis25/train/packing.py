@@ -73,3 +73,10 @@ def collate_padded(samples: list[TrainSample], pad_id: int = 0) -> dict:
 
 def num_targets(batch: dict) -> int:
     return int((batch["targets"] != IGNORE_ID).sum())
+
+
+def target_segments(batch: dict) -> torch.Tensor:
+    """The packed sample (segment) index of every supervised target, in the order of `token_logps`."""
+    lengths = batch["cu_seqlens"].diff().long()
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return segment[batch["targets"][0] != IGNORE_ID]

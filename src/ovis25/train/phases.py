@@ -7,6 +7,8 @@ is the last ViT block). `all` selects the whole model.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -56,6 +58,13 @@ def freeze_all(model: nn.Module) -> dict[str, float]:
     for p in model.parameters():
         p.requires_grad_(False)
     return {}
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A detached, frozen, eval-mode copy (the DPO/GRPO reference policy)."""
+    ref = copy.deepcopy(model).eval()
+    freeze_all(ref)
+    return ref
 
 
 def select_trainable(model: nn.Module, spec: str, base_lr: float) -> dict[str, float]:

@@ -4,6 +4,9 @@ Parallelism, activation checkpointing and compilation are applied to the plain m
 Every optimizer step consumes `grad_accum` packed sequences per rank; the loss is the sum of token
 cross entropies divided by the number of supervised tokens of the whole global step, so it is exactly
 the mean over all supervised tokens whatever the accumulation and data-parallel layout.
+
+`phase="dpo"` and `phase="grpo"` run the preference / RL loops of `dpo.py` and `grpo.py`, which share the
+run setup, parallelism, optimizer, checkpointing and export defined here.
 """
 from __future__ import annotations
 
@@ -61,20 +64,38 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Several sums over ranks in one collective."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def transformer_blocks(model: Ovis) -> list[torch.nn.Module]:
     return list(model.visual_tokenizer.vit.vision_model.encoder.layers) + list(model.llm.model.layers)
 
 
+def parallel_mode(cfg: TrainConfig, world: int) -> str:
+    if world == 1:
+        return "none"
+    return cfg.parallel if cfg.parallel != "auto" else "fsdp"
+
+
 def parallelize(model: Ovis, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
-    """Apply activation checkpointing, compilation and FSDP2/DDP to the plain model (torchtitan style)."""
+    """Apply activation checkpointing, compilation and FSDP2/DDP to the plain model (torchtitan style).
+
+    A model with nothing to train (a frozen DPO/GRPO reference) is sharded under FSDP but never wrapped
+    by DDP, which has no gradients to synchronise for it."""
     for block in transformer_blocks(model):
         if cfg.activation_checkpointing:  # recompute each block in backward; module names stay unchanged
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
         if cfg.compile:
             block.compile(dynamic=True)
     model.to(device)
-    mode = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if world > 1 else "none")
-    if world == 1 or mode == "none":
+    mode = parallel_mode(cfg, world)
+    if mode == "none" or (mode == "ddp" and not any(p.requires_grad for p in model.parameters())):
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -85,6 +106,14 @@ def parallelize(model: Ovis, cfg: TrainConfig, world: int, device: torch.device)
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def forward_packed(model: torch.nn.Module, b: dict, device: torch.device):
+    """One packed row through the (possibly wrapped) model -> OvisOutput with the summed loss and per-target
+    log-probs."""
+    return model(b["input_ids"].to(device), b["pixel_values"] if b["pixel_values"] is None
+                 else b["pixel_values"].to(device), b["grid_thws"], position_ids=b["position_ids"].to(device),
+                 cu_seqlens=b["cu_seqlens"], targets=b["targets"].to(device))
 
 
 def no_grad_sync(model: torch.nn.Module, sync: bool):
@@ -116,22 +145,28 @@ class PackedBins(torch.utils.data.Dataset):
         return len(self.bins)
 
     def __getitem__(self, i: int) -> dict:
-        samples, skipped = [], []
+        samples, built, skipped = [], [], []
         for planned in self.bins[i]:
             try:
-                samples.append(self.builder.build(planned))
+                samples += self.build(planned)
+                built.append(planned)
             except DataError as e:
                 if self.builder.on_error == "fail":
                     raise
                 skipped.append((e.reason, f"{planned.dataset}[{planned.index}]: {e}"))
         batch = collate_packed(samples) if samples else {}
         batch["skipped"] = skipped
+        batch["built"] = built
         batch["capacity"] = self.builder.max_length
         return batch
 
+    def build(self, planned) -> list:
+        """The packed segments of one planned item (DPO builds two: chosen and rejected)."""
+        return [self.builder.build(planned)]
 
-def plan_bins(planned: list[PlannedSample], cfg: TrainConfig) -> list[list[PlannedSample]]:
-    """Deterministic epochs: shuffle with (seed, epoch), then first-fit pack."""
+
+def plan_bins(planned: list, cfg: TrainConfig) -> list[list]:
+    """Deterministic epochs: shuffle with (seed, epoch), then first-fit pack (items need a `length`)."""
     bins = []
     for epoch in range(cfg.epochs):
         order = list(range(len(planned)))
@@ -139,6 +174,24 @@ def plan_bins(planned: list[PlannedSample], cfg: TrainConfig) -> list[list[Plann
         packs = pack_first_fit([planned[i].length for i in order], cfg.max_tokens, cfg.max_samples_per_pack)
         bins += [[planned[order[j]] for j in pack] for pack in packs]
     return bins
+
+
+def count_steps(n_bins: int, cfg: TrainConfig, world: int) -> int:
+    """Optimizer steps: all the packed sequences (or max_steps), `grad_accum` per rank per step."""
+    per_step = cfg.grad_accum * world
+    total_steps = n_bins // per_step if cfg.max_steps is None else cfg.max_steps
+    if total_steps < 1 or total_steps * per_step > n_bins:
+        raise ValueError(f"{n_bins} packed sequences cannot feed {total_steps} steps of {per_step} "
+                         f"(grad_accum {cfg.grad_accum} x {world} ranks); add data, epochs or lower max_steps")
+    return total_steps
+
+
+def rank_bins(bins: list, cfg: TrainConfig, rank: int, world: int, start_step: int, total_steps: int) -> list:
+    """This rank's packed sequences for steps start_step.. in order: step s uses global bins
+    [s * grad_accum * world, ...), rank r the r-th slice of grad_accum of them."""
+    per_step = cfg.grad_accum * world
+    return [bins[s * per_step + rank * cfg.grad_accum + j] for s in range(start_step, total_steps)
+            for j in range(cfg.grad_accum)]
 
 
 def pixel_budgets(cfg: TrainConfig) -> PixelBudgets:
@@ -185,18 +238,21 @@ def plot_metrics(metrics_file: Path, out_png: Path) -> bool:
     return True
 
 
-# ---- the loop -------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> Path:
-    """Run one phase; returns the exported checkpoint directory (or the run directory without export)."""
+# ---- pieces shared with the DPO and GRPO loops ------------------------------------------------------------
+def setup_run(cfg: TrainConfig) -> tuple[int, int, torch.device, Path]:
+    """Validate, join the process group, create the run directory (config.json), seed."""
     cfg.validate()
     rank, world, device = init_distributed()
     out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
+    return rank, world, device, out
 
+
+def load_policy(cfg: TrainConfig) -> tuple[Processor, Ovis, dict[str, float]]:
+    """The processor and the model to train, its trainable parameters selected -> {name: learning rate}."""
     processor = Processor.from_pretrained(cfg.init)
     model = Ovis.from_pretrained(cfg.init, dtype=torch.float32)
     model.train()
@@ -211,44 +267,118 @@ def train(cfg: TrainConfig) -> Path:
     else:
         lrs = select_trainable(model, cfg.train_modules or PHASES.get(cfg.phase, PHASES["p3"])["train_modules"],
                                cfg.lr)
+    return processor, model, lrs
 
-    builder = SampleBuilder(processor, pixel_budgets(cfg), cfg.max_tokens, cfg.on_bad_sample, cfg.num_frames)
-    planned = plan_datasets(load_datainfo(cfg.datainfo, cfg.datasets or None), builder, cfg.seed)
-    bins = plan_bins(planned, cfg)
-    per_step = cfg.grad_accum * world
-    total_steps = len(bins) // per_step if cfg.max_steps is None else cfg.max_steps
-    if total_steps < 1 or total_steps * per_step > len(bins):
-        raise ValueError(f"{len(bins)} packed sequences cannot feed {total_steps} steps of {per_step} "
-                         f"(grad_accum {cfg.grad_accum} x {world} ranks); add data, epochs or lower max_steps")
 
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model = parallelize(model, cfg, world, device)
+def make_optimizer(model: torch.nn.Module, lrs: dict[str, float], cfg: TrainConfig, total_steps: int):
+    """AdamW over the selected parameters with linear warmup + cosine decay over `total_steps`."""
     inner = getattr(model, "module", model)  # DDP wraps; FSDP2 keeps the module (and its parameter names)
     optimizer = torch.optim.AdamW(param_groups(inner, lrs, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas))
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, total=total_steps, warmup=warmup, min_ratio=cfg.min_lr_ratio))
+    return optimizer, scheduler
 
-    start_step, skip_counts = 0, {}
+
+def resume_latest(model, optimizer, scheduler, ckpt_root: Path, rank: int) -> tuple[int, dict]:
+    """(first step to run, skip counts so far): from the newest valid checkpoint, else (0, {})."""
     resume = latest_checkpoint(ckpt_root)
-    if resume is not None:
-        start_step, skip_counts = restore(model, optimizer, scheduler, resume, rank)
-        if rank == 0:
-            log.info("resumed from %s (step %d)", resume, start_step)
+    if resume is None:
+        return 0, {}
+    start_step, skip_counts = restore(model, optimizer, scheduler, resume, rank)
+    if rank == 0:
+        log.info("resumed from %s (step %d)", resume, start_step)
+    return start_step, skip_counts
 
-    my_bins = [bins[s * per_step + rank * cfg.grad_accum + j] for s in range(total_steps) for j in range(cfg.grad_accum)]
-    dataset = PackedBins(my_bins[start_step * cfg.grad_accum:], builder)
+
+def progress_bar(cfg: TrainConfig, rank: int, total: int, initial: int):
+    if rank != 0 or not cfg.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=f"{cfg.phase} {Path(cfg.out_dir).name}", unit="step",
+                dynamic_ncols=True)
+
+
+def record_skips(batches: list[dict], counts: dict) -> None:
+    """Count and log the samples a DataLoader item had to drop."""
+    for b in batches:
+        for reason, where in b["skipped"]:
+            counts[reason] = counts.get(reason, 0) + 1
+            log.warning("skipping %s", where)
+
+
+def apply_update(model, optimizer, scheduler, cfg: TrainConfig, loss: float, step: int) -> float | None:
+    """Clip and step, given the accumulated gradients and the step's loss; returns the gradient norm, or None
+    when a non-finite loss skipped the update (on_nan=skip; on_nan=stop raises)."""
+    if not math.isfinite(loss):
+        if cfg.on_nan == "stop":
+            raise FloatingPointError(f"step {step}: loss is {loss}; stopping (on_nan=stop)")
+        log.warning("step %d: loss is %s; skipping the update (on_nan=skip)", step, loss)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return None
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def log_step(metrics_file: Path, row: dict, progress, postfix: dict[str, str]) -> None:
+    """Rank 0: append the step's metrics to metrics.jsonl and update the progress bar."""
+    with open(metrics_file, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(**postfix)
+
+
+def finish_run(model, processor: Processor, cfg: TrainConfig, out: Path, rank: int, summary: dict) -> Path:
+    """Export (when asked), plot the metrics and write summary.json; returns the export or the run dir."""
+    result = out
+    if cfg.export:
+        result = export(model, processor, cfg, out / "final", rank)
+    if rank == 0:
+        metrics_file = out / "metrics.jsonl"
+        if metrics_file.exists():
+            plot_metrics(metrics_file, out / "loss.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> Path:
+    """Run one phase; returns the exported checkpoint directory (or the run directory without export)."""
+    if cfg.phase == "dpo":
+        from .dpo import train_dpo
+        return train_dpo(cfg)
+    if cfg.phase == "grpo":
+        from .grpo import train_grpo
+        return train_grpo(cfg)
+    rank, world, device, out = setup_run(cfg)
+    ckpt_root = out / "checkpoints"
+    processor, model, lrs = load_policy(cfg)
+
+    builder = SampleBuilder(processor, pixel_budgets(cfg), cfg.max_tokens, cfg.on_bad_sample, cfg.num_frames)
+    planned = plan_datasets(load_datainfo(cfg.datainfo, cfg.datasets or None), builder, cfg.seed)
+    bins = plan_bins(planned, cfg)
+    total_steps = count_steps(len(bins), cfg, world)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = parallelize(model, cfg, world, device)
+    optimizer, scheduler = make_optimizer(model, lrs, cfg, total_steps)
+    start_step, skip_counts = resume_latest(model, optimizer, scheduler, ckpt_root, rank)
+
+    dataset = PackedBins(rank_bins(bins, cfg, rank, world, start_step, total_steps), builder)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.num_workers)
     batches = iter(loader)
 
     peak = measured_peak_flops() * world
     metrics_file = out / "metrics.jsonl"
-    progress = None
-    if rank == 0 and cfg.progress:
-        from tqdm import tqdm
-        progress = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.phase} {out.name}", unit="step",
-                        dynamic_ncols=True)
+    progress = progress_bar(cfg, rank, total_steps, start_step)
     if rank == 0:
         log.info("%s: %d samples -> %d packed sequences; %d steps; %.1fM params (%.1fM trainable); %s",
                  cfg.phase, len(planned), len(bins), total_steps, n_params / 1e6, n_trainable / 1e6,
@@ -256,65 +386,40 @@ def train(cfg: TrainConfig) -> Path:
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        for b in micro:
-            for reason, where in b["skipped"]:
-                skip_counts[reason] = skip_counts.get(reason, 0) + 1
-                log.warning("skipping %s", where)
+        record_skips(micro, skip_counts)
         micro = [b for b in micro if "input_ids" in b]
         local_targets = sum(num_targets(b) for b in micro)
         global_targets = all_reduce_sum(local_targets, device)
         loss_sum, tokens = 0.0, 0
         for j, b in enumerate(micro):
             with no_grad_sync(model, sync=j == len(micro) - 1):
-                out_ = model(b["input_ids"].to(device), b["pixel_values"] if b["pixel_values"] is None
-                             else b["pixel_values"].to(device), b["grid_thws"], position_ids=b["position_ids"].to(device),
-                             cu_seqlens=b["cu_seqlens"], targets=b["targets"].to(device))
+                out_ = forward_packed(model, b, device)
                 (out_.loss * world / max(global_targets, 1)).backward()
             loss_sum += out_.loss.item()
             tokens += b["input_ids"].shape[1]
         loss = all_reduce_sum(loss_sum, device) / max(global_targets, 1)
-        if not math.isfinite(loss):
-            if cfg.on_nan == "stop":
-                raise FloatingPointError(f"step {step}: loss is {loss}; stopping (on_nan=stop)")
-            log.warning("step %d: loss is %s; skipping the update (on_nan=skip)", step, loss)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+        grad_norm = apply_update(model, optimizer, scheduler, cfg, loss, step)
+        if grad_norm is None:
             continue
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         dt = time.perf_counter() - t0
         tokens_all = all_reduce_sum(tokens, device)
         capacity = len(micro) * cfg.max_tokens * world
-        row = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+        row = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": tokens_all / dt, "padding_ratio": 1 - tokens_all / max(capacity, 1),
                "mfu": 6 * n_params * tokens_all / dt / peak, "supervised_tokens": int(global_targets)}
         if rank == 0:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                     pad=f"{row['padding_ratio']:.2f}", mfu=f"{row['mfu']:.1%}")
+            log_step(metrics_file, row, progress, dict(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}",
+                                                       tok_s=f"{row['tokens_per_s']:.0f}",
+                                                       pad=f"{row['padding_ratio']:.2f}", mfu=f"{row['mfu']:.1%}"))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             save(model, optimizer, scheduler, ckpt_root / f"step-{step + 1:08d}", step + 1, skip_counts, cfg, rank, world)
     if progress is not None:
         progress.close()
-
-    result = out
-    if cfg.export:
-        result = export(model, processor, cfg, out / "final", rank)
     if rank == 0:
-        if metrics_file.exists():
-            plot_metrics(metrics_file, out / "loss.png")
-        summary = {"steps": total_steps, "skipped": skip_counts, "plan_skips": dict(builder.skips.counts)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done: %s; skipped while training: %s", builder.skips.summary(), skip_counts or "none")
-    if dist.is_initialized():
-        dist.barrier()
-    return result
+    summary = {"steps": total_steps, "skipped": skip_counts, "plan_skips": dict(builder.skips.counts)}
+    return finish_run(model, processor, cfg, out, rank, summary)
 
 
 def _full_state(model: torch.nn.Module, optimizer=None):
@@ -353,7 +458,8 @@ def restore(model, optimizer, scheduler, ckpt_dir: Path, rank: int) -> tuple[int
         msd[TIED_KEY] = msd["llm.model.embed_tokens.weight"]
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, msd, options=opts)
-    set_optimizer_state_dict(model, optimizer, osd, options=opts)
+    # a trainable parameter that never received a gradient (e.g. the ViT under text-only data) has no state
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict({**scheduler.state_dict(), **trainer["scheduler"]})
     set_rng_state(rng)
     return trainer["step"], trainer.get("skipped", {})

@@ -19,6 +19,7 @@ from ovis25.train import load_recipe, train
 from ovis25.train.data import DataError, PixelBudgets, SampleBuilder, load_datainfo, plan_datasets
 from ovis25.train.packing import collate_packed, collate_padded, pack_first_fit
 from ovis25.train.phases import LAST_VIT_BLOCK, param_groups, select_trainable
+from ovis25.train.trainer import pixel_budgets, plan_bins
 
 pytestmark = requires_fixtures
 TINY_BUDGET = ["single_image_min_pixels=1024", "single_image_max_pixels=4096", "multiple_image_min_pixels=1024",
@@ -273,7 +274,13 @@ def test_text_tail_truncation_keeps_visual_block(tmp_path):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_distributed_matches_single_process(tmp_path, parallel):
     datainfo = make_dataset(tmp_path / "data")
-    common = ["max_steps=4", "save_every=0", "epochs=3"]
+    # one sample per packed row: some steps give one rank only text while the other has images
+    common = ["max_steps=4", "save_every=0", "epochs=3", "max_samples_per_pack=1"]
+    cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'datainfo="{datainfo}"', *common, *TINY_BUDGET])
+    builder = SampleBuilder(Processor.from_pretrained(tiny_model_dir()), pixel_budgets(cfg), cfg.max_tokens)
+    bins = plan_bins(plan_datasets(load_datainfo(datainfo), builder, cfg.seed), cfg)
+    has_visual = [bool(b[0].visuals) for b in bins[:8]]
+    assert any(has_visual[2 * s] != has_visual[2 * s + 1] for s in range(4)), "test data must mix ranks"
     single = tmp_path / "single"
     subprocess.run(_run_cmd(tmp_path, datainfo, single, common + ["grad_accum=2"]), env=_env(), check=True,
                    capture_output=True)

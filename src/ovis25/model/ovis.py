@@ -65,6 +65,14 @@ class Ovis(nn.Module):
         probs = self.visual_tokenizer(pixel_values, grid_thws)
         return probs.to(self.vte.weight.dtype) @ self.vte.weight
 
+    def blank_visual_embeddings(self) -> torch.Tensor:
+        """Visual embeddings of the smallest blank image (one visual token)."""
+        vc = self.config.vit_config
+        s, width = vc.hidden_stride, self.visual_tokenizer.vit.vision_model.embeddings.patch_embedding.weight[0].numel()
+        grid = torch.tensor([[vc.temporal_patch_size, s, s]])
+        pixels = torch.zeros(s * s, width, device=self.vte.weight.device, dtype=self.vte.weight.dtype)
+        return self.visual_embeddings(pixels, grid)
+
     def merge_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                          grid_thws: torch.Tensor | None = None,
                          visual_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +112,7 @@ class Ovis(nn.Module):
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 logits_to_keep: int = 0, output_hidden_states: bool = False,
-                targets: torch.Tensor | None = None) -> OvisOutput:
+                targets: torch.Tensor | None = None, always_run_vision: bool = False) -> OvisOutput:
         """input_ids (B, L) with negative placeholders. `attention_mask` (B, L) marks padding (1 = real).
 
         Packed training passes B=1 with `cu_seqlens` (sequence offsets) and per-sample `position_ids`.
@@ -113,9 +121,14 @@ class Ovis(nn.Module):
         IGNORE_ID elsewhere) gives the *summed* cross entropy over supervised positions only, computing no
         other logits (training: the trainer normalises by the global number of supervised tokens), and the
         per-position log-probs of the targets (`token_logps`, for DPO/GRPO sequence and token scores).
+        `always_run_vision` runs the visual tokenizer on a blank image when there are no pixels and adds 0 x
+        its output, so every data-parallel rank runs the same collectives (FSDP) and every vision parameter
+        gets a (zero) gradient (DDP).
         """
         if inputs_embeds is None:
             inputs_embeds = self.merge_embeddings(input_ids, pixel_values, grid_thws)
+            if always_run_vision and pixel_values is None:
+                inputs_embeds = inputs_embeds + 0.0 * self.blank_visual_embeddings().sum()
         b, n = inputs_embeds.shape[:2]
         ctx = AttnContext(cu_seqlens=cu_seqlens)
         if attention_mask is not None and not bool(attention_mask.all()):

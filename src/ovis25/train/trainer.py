@@ -113,7 +113,7 @@ def forward_packed(model: torch.nn.Module, b: dict, device: torch.device):
     log-probs."""
     return model(b["input_ids"].to(device), b["pixel_values"] if b["pixel_values"] is None
                  else b["pixel_values"].to(device), b["grid_thws"], position_ids=b["position_ids"].to(device),
-                 cu_seqlens=b["cu_seqlens"], targets=b["targets"].to(device))
+                 cu_seqlens=b["cu_seqlens"], targets=b["targets"].to(device), always_run_vision=True)
 
 
 def no_grad_sync(model: torch.nn.Module, sync: bool):

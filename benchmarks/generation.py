@@ -97,8 +97,9 @@ def main() -> None:
             print(rows[-1], flush=True)
         # thinking budget: one pass (append the early-stop text to the cache) vs re-prefill from scratch
         budget, think_new = (8, 64) if args.quick else (32, 160)
-        engine = Engine(model, tokenizer, max_batch_size=1, max_len=prompt_len + think_new + 64)
-        prompt = torch.randint(0, 150000, (prompt_len,))
+        think_prompt = 4 * prompt_len  # a long prompt (e.g. an image question): what re-prefill repeats
+        engine = Engine(model, tokenizer, max_batch_size=1, max_len=think_prompt + think_new + 64)
+        prompt = torch.randint(0, 150000, (think_prompt,))
         gc = GenerationConfig(max_new_tokens=think_new, eos_token_ids=NO_EOS, enable_thinking=True,
                               thinking_budget=budget)
         t0 = time.perf_counter()

@@ -4,7 +4,8 @@ Length mix (stated, roughly SFT-like): 40% text-only samples with log-normal len
 45% single-image samples (image 64..448 px per side at native aspect -> 4..196 visual tokens) with
 short text, 15% two-image samples. Model: ViT 4 x 256 (patch 16), Qwen3 4 x 512 (8 q / 4 kv heads),
 vocab 8192, random weights. Padded = batches of 8 samples right-padded to the longest; packed = first-fit
-into rows of 2048 tokens. MFU = 6 * params * real tokens/s / measured fp32 matmul peak.
+into rows of 2048 tokens. MFU = 6 * matmul params (embedding tables and LM head excluded) * real tokens/s / measured
+fp32 matmul peak.
     python benchmarks/train.py [--quick]
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ovis25.config import OvisConfig, Qwen3Config, VisionConfig
 from ovis25.model import Ovis
 from ovis25.train.data import TrainSample
 from ovis25.train.packing import collate_packed, collate_padded, pack_first_fit
-from ovis25.train.trainer import measured_peak_flops
+from ovis25.train.trainer import matmul_params, measured_peak_flops
 
 
 def make_samples(n: int, seed: int = 0) -> list[TrainSample]:
@@ -73,7 +74,7 @@ def main() -> None:
                      Qwen3Config(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                                  num_attention_heads=8, num_key_value_heads=4, head_dim=64), 2048)
     model = Ovis(cfg).train()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = matmul_params(model)  # embedding tables and the LM head excluded from the FLOP count
     samples = make_samples(48 if args.quick else 160)
     real = sum(len(s.input_ids) for s in samples)
     peak = measured_peak_flops(1.0)

@@ -7,7 +7,8 @@ from ovis25.demo import TRAIN_PHASES, run_demo
 
 def test_demo_pipeline_wiring(tmp_path):
     run = run_demo("ci", "ci", overrides={"max_steps": 6, "max_tokens": 256, "epochs": 4, "progress": False}, eval_limit=2,
-                   runs_dir=tmp_path)
+                   runs_dir=tmp_path, phase_overrides={"p5": {"grpo_prompts_per_step": 4, "grpo_group_size": 2,
+                                                              "grpo_max_new_tokens": 8}})
     for phase in TRAIN_PHASES:
         final = run / phase / "final"
         assert (final / "config.json").exists() and (final / "model.safetensors").exists(), phase
@@ -19,7 +20,9 @@ def test_demo_pipeline_wiring(tmp_path):
     Ovis.from_pretrained(run / "final")
     Processor.from_pretrained(run / "final")
     results = json.loads((run / "eval.json").read_text())
-    assert {"p1", "p2", "p3", "p3+think"} <= set(results)
+    assert {"p1", "p2", "p3", "p3+think", "p4", "p5", "p5+think"} <= set(results)
+    preference = json.loads((run / "preference.json").read_text())
+    assert set(preference) == {"p3", "p4"} and all(0 <= v["accuracy"] <= 1 for v in preference.values())
     for phase, tasks in results.items():
         assert tasks, phase
         for task, s in tasks.items():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, REPO, model_dirs, requires_fixtures
+from conftest import REPO, model_dirs, requires_fixtures
 from ovis25 import Ovis, Processor
 from ovis25.train import load_recipe, train
 from ovis25.train.data import DataError, PixelBudgets, SampleBuilder, load_datainfo, plan_datasets

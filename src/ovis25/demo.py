@@ -22,31 +22,71 @@ from pathlib import Path
 import torch
 
 from .chat import Chat
-from .eval import evaluate, format_table, load_items
+from .eval import evaluate, format_table, load_items, preference_accuracy
 from .report import write_report
 
 log = logging.getLogger("ovis25.demo")
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes" / "tiny"
 PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}
-TRAIN_PHASES = ("p0", "p1", "p2", "p3")
+TRAIN_PHASES = ("p0", "p1", "p2", "p3", "p4", "p5")
+HELD_OUT_PAIRS = 40  # preference pairs kept out of DPO to measure preference accuracy
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
 
 
-def text_only_dataset(world: Path) -> None:
-    """`synth_text`: captions and answers as plain text conversations (placeholders and images removed)."""
+def preference_datasets(world: Path) -> list[dict]:
+    """`synth_dpo` (P4, all but the held-out pairs) and `synth_grpo` (P5) in the datainfo; returns the
+    held-out pairs (one per task in turn, so every task is represented)."""
+    info = json.loads((world / "datainfo.json").read_text())
+    pairs = [json.loads(line) for line in (world / "dpo.jsonl").read_text().splitlines() if line.strip()]
+    by_task: dict[str, list] = {}
+    for p in pairs:
+        by_task.setdefault(p["task"], []).append(p)
+    held = [p for i in range(HELD_OUT_PAIRS) for t in by_task.values() if i < len(t) for p in [t[-1 - i]]]
+    held = held[:min(HELD_OUT_PAIRS, len(pairs) // 4)]
+    ids = {p["id"] for p in held}
+    if "synth_dpo" not in info:
+        (world / "meta" / "dpo_train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs if p["id"] not in ids))
+        info["synth_dpo"] = {"meta_file": "meta/dpo_train.jsonl", "image_dir": "images", "data_format": "conversation"}
+        info["synth_grpo"] = {"meta_file": "grpo.jsonl", "image_dir": "images", "data_format": "conversation"}
+        (world / "datainfo.json").write_text(json.dumps(info, indent=2))
+    return held
+
+
+TEXT_PER_TASK = 600  # context-QA samples per single-image task in the text-only P0 set
+
+
+def text_only_dataset(world: Path, seed: int = 0) -> None:
+    """`synth_text` (P0): teach the LLM to *read scene information from its context*.
+
+    A captioned scene stands where the image will be: "{caption}\n{question}" -> answer, and
+    "{caption}\nDescribe the image." -> caption (copying). P1 then only has to make the visual tokens say
+    what the caption says (the frozen LLM already knows how to use them), and P2 starts from an LLM that
+    looks at its context. An LLM pretrained on bare questions instead learns answer priors and ignores the
+    image. Multi-image and video questions have no caption and stay bare (answer format only)."""
+    from .synth.build import CAPTIONED, task_rng
+    from .synth.world import TASKS
+
     info = json.loads((world / "datainfo.json").read_text())
     if "synth_text" in info:
         return
     samples = []
-    for name in ("synth_caption", "synth_qa"):
-        meta = json.loads((world / info[name]["meta_file"]).read_text())
-        for s in meta:
-            if "caption" in s:
-                conv = [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": s["caption"]}]
-            else:
-                conv = [{"from": t["from"], "value": re.sub(r"<(image|video)>\n?", "", t["value"])}
-                        for t in s["conversations"]]
+
+    def add(sid: str, human: str, gpt: str) -> None:
+        samples.append({"id": f"text-{sid}", "conversations": [{"from": "human", "value": human},
+                                                               {"from": "gpt", "value": gpt}]})
+
+    for s in json.loads((world / info["synth_caption"]["meta_file"]).read_text()):
+        add(s["id"], f"{s['caption']}\nDescribe the image.", s["caption"])
+    for task in CAPTIONED:  # fresh scenes from their own stream: only their text is kept
+        rng = task_rng(seed, "text", task)
+        for i in range(TEXT_PER_TASK):
+            sample = TASKS[task](rng)
+            add(f"{task}-{i}", f"{sample.caption}\n{sample.question}", sample.answer)
+    for s in json.loads((world / info["synth_qa"]["meta_file"]).read_text()):
+        if s["task"] not in CAPTIONED:
+            conv = [{"from": t["from"], "value": re.sub(r"<(image|video)>\n?", "", t["value"])}
+                    for t in s["conversations"]]
             samples.append({"id": f"text-{s['id']}", "conversations": conv})
     (world / "meta" / "text.json").write_text(json.dumps(samples))
     info["synth_text"] = {"meta_file": "meta/text.json", "image_dir": "images", "data_format": "conversation"}
@@ -68,7 +108,10 @@ def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, lim
 
 
 def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides: dict | None = None,
-             eval_limit: int | None = None, runs_dir: Path = Path("runs")) -> Path:
+             eval_limit: int | None = None, runs_dir: Path = Path("runs"),
+             phase_overrides: dict[str, dict] | None = None) -> Path:
+    """Run (or resume: finished phases are kept) the curriculum; `overrides` apply to every phase's recipe,
+    `phase_overrides[phase]` to one phase only."""
     from .synth import build_world, write_model_dir
     from .train import load_recipe, train
 
@@ -79,12 +122,14 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
     if not (world / "world.json").exists():
         log.info("building the synthetic world (%s preset) in %s", preset, world)
         build_world(world, seed=seed, sizes=preset, progress=True)
-    text_only_dataset(world)
+    text_only_dataset(world, seed)
+    held_pairs = preference_datasets(world)
     init = run / "init"
     if not (init / "config.json").exists():
         write_model_dir(init, world / "tokenizer", seed=seed)
 
     results = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    preference = json.loads((run / "preference.json").read_text()) if (run / "preference.json").exists() else {}
     timings = {}
     previous = init
     for phase in TRAIN_PHASES:
@@ -92,11 +137,20 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
         final = run / phase / "final"
         if not (final / "config.json").exists():
             keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{world / "datainfo.json"}"',
-                    f"seed={seed}"] + [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
+                    f"seed={seed}"] + [f"{k}={json.dumps(v)}" for k, v in
+                                       {**(overrides or {}), **(phase_overrides or {}).get(phase, {})}.items()]
             train(load_recipe(RECIPES / f"{phase}.toml", keys))
         timings[phase] = time.perf_counter() - t0
         if phase != "p0":
             evaluate_phase(final, world, phase, phase >= THINKING_FROM, eval_limit, results, run)
+        if phase in ("p3", "p4"):  # DPO should raise it
+            from .model import Ovis
+            from .processing import Processor
+            preference[phase] = preference_accuracy(
+                Ovis.from_pretrained(final), Processor.from_pretrained(final), held_pairs, world / "images", **PIXELS)
+            (run / "preference.json").write_text(json.dumps(preference, indent=2))
+            print(f"preference accuracy on {len(held_pairs)} held-out pairs after {phase}: "
+                  f"{preference[phase]['accuracy']:.2f}")
             print(f"\n== after {phase}\n" + format_table({k: v for k, v in results.items() if k.startswith(phase)}))
         previous = final
     link = run / "final"  # the last phase's checkpoint, for `ovis25 chat runs/<name>/final`

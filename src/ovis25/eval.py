@@ -2,7 +2,8 @@
 
 A benchmark line is `{"id", "task", "question" | "conversations", "image": path | [paths] |
 "video_frames": [paths], "answer", "metric"}` with paths relative to the file's folder (or `image_dir`)
-and metric one of `ovis25.metrics.METRICS` (`iou` counts a hit at IoU >= 0.5 and also reports mean IoU).
+and metric the name of a reward in `ovis25.train.rewards.REWARDS` (exact, number, choice, iou, ...; `iou`
+counts a hit at IoU >= 0.5 and also reports mean IoU).
 The synthetic world's held-out split (`WORLD/test.jsonl`, images under `WORLD/images`) is the `synth` suite.
 
     python -m ovis25.eval MODEL_DIR --suite synth --world runs/demo/world [--thinking both] [--out eval.json]
@@ -17,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .metrics import score
+from .train.rewards import REWARDS
 
 IOU_HIT = 0.5
 
@@ -57,6 +58,8 @@ def load_items(path: str | Path, image_dir: str | Path | None = None, limit_per_
         video = [root / p for p in row["video_frames"]] if row.get("video_frames") else None
         conversations = row.get("conversations") or [
             {"from": "human", "value": "<video>\n" * bool(video) + "<image>\n" * len(images) + row["question"]}]
+        if row.get("metric", "exact") not in REWARDS:
+            raise ValueError(f"{path}: line {n}: unknown metric {row['metric']!r}; known: {sorted(REWARDS)}")
         items.append(EvalItem(str(row.get("id", n)), task, conversations, images, video, str(row["answer"]),
                               row.get("metric", "exact")))
     return items
@@ -79,7 +82,7 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
                                       enable_thinking=enable_thinking, thinking_budget=thinking_budget,
                                       max_new_tokens=max_new_tokens, **pixels)
         for it, res in zip(chunk, results):
-            value = score(it.metric, res.text, it.answer)
+            value = REWARDS[it.metric]("", res.text, it.answer)
             rows.append({"id": it.id, "task": it.task, "answer": it.answer, "response": res.text,
                          "thinking": res.thinking, "metric": it.metric, "score": value})
         if bar is not None:
@@ -94,6 +97,31 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
         if scores[0]["metric"] == "iou":
             summary[task]["mean_iou"] = sum(r["score"] for r in scores) / len(scores)
     return summary, rows
+
+
+def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **pixels) -> dict:
+    """Share of preference pairs whose chosen response has the higher log-probability under the model.
+
+    pairs: {"conversations" (the prompt), "image" | "video_frames", "chosen", "rejected"}."""
+    import torch
+
+    from .train.packing import shifted_targets
+    wins, margins = 0, []
+    model.eval()
+    for pair in pairs:
+        images = pair.get("image") or []
+        images = [image_dir / p for p in ([images] if isinstance(images, str) else images)]
+        videos = [[image_dir / p for p in pair["video_frames"]]] if pair.get("video_frames") else None
+        logps = []
+        for response in (pair["chosen"], pair["rejected"]):
+            conv = pair["conversations"] + [{"from": "gpt", "value": response}]
+            ids, labels, pv, grid = processor.format_conversation(conv, images=images or None, videos=videos, **pixels)
+            with torch.no_grad():
+                out = model(ids[None], pv, grid, targets=shifted_targets(labels)[None])
+            logps.append(-float(out.loss))
+        wins += logps[0] > logps[1]
+        margins.append(logps[0] - logps[1])
+    return {"accuracy": wins / len(pairs), "n": len(pairs), "mean_margin": sum(margins) / len(margins)}
 
 
 def format_table(results: dict[str, dict[str, dict]]) -> str:

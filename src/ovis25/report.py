@@ -100,6 +100,19 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
     lines += ["## Time per phase", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [""]
     lines += ["## Accuracy per task (held out)", "", format_table(results), ""]
+    if (run / "preference.json").exists():
+        pref = json.loads((run / "preference.json").read_text())
+        lines += ["Preference accuracy (held-out DPO pairs: chosen more likely than rejected):", "",
+                  "| after | accuracy | mean log-prob margin | pairs |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['accuracy']:.2f} | {v['mean_margin']:.2f} | {v['n']} |" for k, v in pref.items()]
+        lines += [""]
+    if (run / "p5" / "metrics.jsonl").exists():
+        rows = [json.loads(line) for line in (run / "p5" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
+        if rewards:
+            k = max(1, len(rewards) // 3)
+            lines += [f"GRPO mean rollout reward: first {k} steps {sum(rewards[:k]) / k:.3f}, "
+                      f"last {k} steps {sum(rewards[-k:]) / k:.3f}", ""]
     if plot_accuracy(results, run / "accuracy.png"):
         lines += ["![accuracy](accuracy.png)", ""]
     if plot_losses(run, run / "loss.png"):

@@ -101,10 +101,18 @@ class Attention(nn.Module):
             kc[rows, :, pos.to(kc.device)] = k[:, 0]
             vc[rows, :, pos.to(kc.device)] = v[:, 0]
             span = int(pos.max()) + 1
-            keys, values = kc[rows, :, :span], vc[rows, :, :span]
-            mask = (torch.arange(span, device=kc.device)[None, :] <= pos.to(kc.device)[:, None])[:, None, None, :]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=gqa)
-            return out.transpose(1, 2)
+            # Attend over a *view* of the slot range [lo, hi) instead of gathering rows (a gather copies the
+            # whole cache every step); free slots inside the range get a dummy query whose output is dropped.
+            lo, hi = min(slots), max(slots) + 1
+            keys, values = kc[lo:hi, :, :span], vc[lo:hi, :, :span]
+            index = rows - lo
+            q_rows = q.new_zeros(hi - lo, *q.shape[1:]).index_copy(0, index, q) if hi - lo != len(slots) or \
+                slots != sorted(slots) else q
+            lengths = torch.zeros(hi - lo, dtype=torch.long, device=kc.device).index_copy(0, index, pos.to(kc.device))
+            mask = (torch.arange(span, device=kc.device)[None, :] <= lengths[:, None])[:, None, None, :]
+            out = F.scaled_dot_product_attention(q_rows.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=gqa)
+            out = out.transpose(1, 2)
+            return out if q_rows is q else out[index]
         # packed append: segment i goes to slot slots[i] after the tokens that slot already holds
         starts = ctx.cu_seqlens.tolist()
         prefix = cache.lengths[slots].tolist()

@@ -49,9 +49,9 @@ from .data import DataError, DatasetSpec, PlannedSample, SampleBuilder, TrainSam
     prompt_turns
 from .packing import pack_first_fit, target_segments
 from .phases import frozen_copy
-from .trainer import (PackedBins, all_reduce_sums, apply_update, count_steps, finish_run, forward_packed,
-                      load_policy, log_step, make_optimizer, no_grad_sync, parallelize, pixel_budgets, plan_bins,
-                      progress_bar, rank_bins, record_skips, resume_latest, save, setup_run)
+from .trainer import (PackedBins, all_reduce_sums, apply_update, close_run, count_steps, forward_packed, load_policy,
+                      log_step, make_optimizer, no_grad_sync, parallelize, pixel_budgets, plan_bins, progress_bar,
+                      rank_bins, record_skips, resume_latest, save_if_due, setup_run)
 
 log = logging.getLogger("ovis25.train")
 REF_CACHE = "ref_logps.safetensors"
@@ -272,11 +272,5 @@ def train_dpo(cfg: TrainConfig) -> Path:
         if rank == 0:
             log_step(metrics_file, row, progress, dict(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}",
                                                        margin=f"{row['reward_margin']:.3f}", lr=f"{row['lr']:.2e}"))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save(model, optimizer, scheduler, ckpt_root / f"step-{step + 1:08d}", step + 1, skip_counts, cfg, rank, world)
-    if progress is not None:
-        progress.close()
-    if rank == 0:
-        log.info("done: %s; skipped while training: %s", builder.skips.summary(), skip_counts or "none")
-    summary = {"steps": total_steps, "skipped": skip_counts, "plan_skips": dict(builder.skips.counts)}
-    return finish_run(model, processor, cfg, out, rank, summary)
+        save_if_due(model, optimizer, scheduler, ckpt_root, step + 1, total_steps, skip_counts, cfg, rank, world)
+    return close_run(model, processor, cfg, out, rank, builder, skip_counts, total_steps, progress)

@@ -70,9 +70,9 @@ from .lora import merge_lora_state
 from .packing import collate_packed, pack_first_fit, target_segments
 from .phases import freeze_all, frozen_copy
 from .rewards import RewardScorer, parse_rewards
-from .trainer import (all_reduce_sums, apply_update, export, finish_run, forward_packed, load_policy, log_step,
+from .trainer import (all_reduce_sums, apply_update, close_run, export, forward_packed, load_policy, log_step,
                       make_optimizer, no_grad_sync, parallel_mode, parallelize, pixel_budgets, progress_bar,
-                      resume_latest, save, setup_run)
+                      resume_latest, save_if_due, setup_run)
 
 log = logging.getLogger("ovis25.train")
 ADV_EPS = 1e-4
@@ -511,11 +511,5 @@ def train_grpo(cfg: TrainConfig) -> Path:
         if rank == 0:
             log_step(metrics_file, metrics, progress, dict(reward=f"{mean:.3f}", loss=f"{metrics['loss']:.4f}",
                                                            len=f"{metrics['response_tokens']:.0f}"))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save(model, optimizer, scheduler, ckpt_root / f"step-{step + 1:08d}", step + 1, skip_counts, cfg, rank, world)
-    if progress is not None:
-        progress.close()
-    if rank == 0:
-        log.info("done: %s; skipped while training: %s", builder.skips.summary(), skip_counts or "none")
-    summary = {"steps": total_steps, "skipped": skip_counts, "plan_skips": dict(builder.skips.counts)}
-    return finish_run(model, processor, cfg, out, rank, summary)
+        save_if_due(model, optimizer, scheduler, ckpt_root, step + 1, total_steps, skip_counts, cfg, rank, world)
+    return close_run(model, processor, cfg, out, rank, builder, skip_counts, total_steps, progress)

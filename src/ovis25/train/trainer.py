@@ -28,8 +28,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import TIED_KEY
 from ..model import Ovis
-from ..model.llm import DecoderLayer
-from ..model.vision import VisionBlock
 from ..processing import Processor
 from .config import TrainConfig
 from .data import DataError, PixelBudgets, PlannedSample, SampleBuilder, load_datainfo, plan_datasets
@@ -204,15 +202,25 @@ def pixel_budgets(cfg: TrainConfig) -> PixelBudgets:
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that cost ~6 FLOPs per token in training: all but the embedding tables (lookups) and the LM
+    head (applied to supervised positions only)."""
+    skip = {id(p) for name, p in model.named_parameters()
+            if name.endswith(("embed_tokens.weight", "lm_head.weight")) or name.startswith(("vte.", "module.vte."))}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
 def measured_peak_flops(seconds: float = 0.3) -> float:
-    """Dense fp32 matmul FLOP/s of this machine, for the MFU estimate."""
+    """Dense fp32 matmul FLOP/s of this machine for the MFU estimate: the fastest of many 1024^3 products,
+    so that a briefly busy machine does not lower the peak (and inflate MFU)."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
         a @ b
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - t0)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
 
 
 def plot_metrics(metrics_file: Path, out_png: Path) -> bool:
@@ -367,6 +375,7 @@ def train(cfg: TrainConfig) -> Path:
     total_steps = count_steps(len(bins), cfg, world)
 
     n_params = sum(p.numel() for p in model.parameters())
+    n_matmul = matmul_params(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model = parallelize(model, cfg, world, device)
     optimizer, scheduler = make_optimizer(model, lrs, cfg, total_steps)
@@ -407,13 +416,24 @@ def train(cfg: TrainConfig) -> Path:
         capacity = len(micro) * cfg.max_tokens * world
         row = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": tokens_all / dt, "padding_ratio": 1 - tokens_all / max(capacity, 1),
-               "mfu": 6 * n_params * tokens_all / dt / peak, "supervised_tokens": int(global_targets)}
+               "mfu": 6 * n_matmul * tokens_all / dt / peak, "supervised_tokens": int(global_targets)}
         if rank == 0:
             log_step(metrics_file, row, progress, dict(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}",
                                                        tok_s=f"{row['tokens_per_s']:.0f}",
                                                        pad=f"{row['padding_ratio']:.2f}", mfu=f"{row['mfu']:.1%}"))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save(model, optimizer, scheduler, ckpt_root / f"step-{step + 1:08d}", step + 1, skip_counts, cfg, rank, world)
+        save_if_due(model, optimizer, scheduler, ckpt_root, step + 1, total_steps, skip_counts, cfg, rank, world)
+    return close_run(model, processor, cfg, out, rank, builder, skip_counts, total_steps, progress)
+
+
+def save_if_due(model, optimizer, scheduler, ckpt_root: Path, done: int, total_steps: int, skip_counts: dict,
+                cfg: TrainConfig, rank: int, world: int) -> None:
+    """A resumable checkpoint every `save_every` steps (the end of the run is covered by the export)."""
+    if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+        save(model, optimizer, scheduler, ckpt_root / f"step-{done:08d}", done, skip_counts, cfg, rank, world)
+
+
+def close_run(model, processor, cfg: TrainConfig, out: Path, rank: int, builder, skip_counts: dict, total_steps: int,
+              progress) -> Path:
     if progress is not None:
         progress.close()
     if rank == 0:

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from pathlib import Path
 
 import av
 import openai
@@ -405,10 +406,22 @@ def test_concurrent_requests_equal_one_by_one(server):
                                              temperature=0, extra_body=SMALL_KWARGS)
         return res.choices[0].message.content == expected
 
-    with ThreadPoolExecutor(8) as pool:
-        assert all(pool.map(ask, range(32)))
+    rss = []
+    for _ in range(2):  # memory is bounded: a second round of 32 requests does not grow the process
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(ask, range(32)))
+        rss.append(current_rss_mb())
+    assert rss[1] - rss[0] < 40, f"RSS grew from {rss[0]:.0f} MB to {rss[1]:.0f} MB across identical rounds"
     status, body = raw(server.port, "GET", "/health")
     assert status == 200 and body["requests"] == 0
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process (the server runs in a thread of it), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status on this system")
 
 
 def wait_idle(port: int) -> None:

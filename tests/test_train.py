@@ -328,3 +328,29 @@ def test_lora_trains_adapters_and_exports_merged_official_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
     assert all(p.requires_grad for p in lora_parameters(model).values())
+
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path):
+    datainfo = make_dataset(tmp_path / "data")
+    losses = {}
+    for ac in (False, True):
+        out = tmp_path / f"ac{ac}"
+        cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{out}"', f'datainfo="{datainfo}"',
+                                 "max_tokens=256", "max_steps=3", "lr=1e-3", "progress=false", "export=false",
+                                 f"activation_checkpointing={str(ac).lower()}", *TINY_BUDGET])
+        train(cfg)
+        losses[ac] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses[True]) == 3
+    for a, b in zip(losses[False], losses[True]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), losses
+
+
+def test_export_has_the_official_checkpoint_layout(tmp_path):
+    datainfo = make_dataset(tmp_path / "data")
+    cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{tmp_path / "run"}"', f'datainfo="{datainfo}"',
+                             "max_tokens=256", "max_steps=1", "progress=false", *TINY_BUDGET])
+    final = train(cfg)
+    official = {p.name for p in tiny_model_dir().iterdir()}
+    assert {p.name for p in final.iterdir()} == official
+    assert json.loads((final / "config.json").read_text()) == json.loads((tiny_model_dir() / "config.json").read_text())
+    assert set(load_file(str(final / "model.safetensors"))) == set(load_file(str(tiny_model_dir() / "model.safetensors")))

@@ -25,8 +25,8 @@ Responses are trained on the exact sampled token ids. Ids the engine forced (the
 early-stop text) stay in the context but are not optimised: the policy did not sample them. The old
 log-probs come from the training forward, i.e. the untempered policy, whatever `grpo_temperature`.
 `grad_accum` is not used: each rank packs its responses into rows of `max_tokens` and accumulates over all.
-Distributed: with text-only prompts the visual tokenizer gets no gradient, which DDP rejects (set
-`train_modules = "llm"`), and under FSDP every rank's rows must agree on holding images or not.
+Distributed: rows without images still run the visual tokenizer on a blank image (times 0), so DDP sees
+a gradient for every parameter and FSDP ranks run the same collectives whatever their data.
 
 Metrics per step (metrics.jsonl): loss, reward_mean, reward_std, reward_<name> (unweighted means),
 reward_errors, zero_advantage_groups (share of groups with A = 0), response_tokens, thinking_tokens,

@@ -202,12 +202,20 @@ def pixel_budgets(cfg: TrainConfig) -> PixelBudgets:
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
-def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters that cost ~6 FLOPs per token in training: all but the embedding tables (lookups) and the LM
-    head (applied to supervised positions only)."""
-    skip = {id(p) for name, p in model.named_parameters()
-            if name.endswith(("embed_tokens.weight", "lm_head.weight")) or name.startswith(("vte.", "module.vte."))}
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+def training_flops(model: torch.nn.Module, tokens: int, patches: int) -> float:
+    """~6 FLOPs per parameter per token it is applied to: LLM matmuls on every token, the ViT on every patch,
+    the visual head on every 2x2 group; embedding tables (lookups) and the LM head (supervised positions
+    only) are left out."""
+    llm = vit = head = 0
+    for name, p in model.named_parameters():
+        name = name.removeprefix("module.")
+        if name.startswith("llm.model.layers."):
+            llm += p.numel()
+        elif name.startswith("visual_tokenizer.vit.vision_model.encoder."):
+            vit += p.numel()
+        elif name.startswith("visual_tokenizer.head."):
+            head += p.numel()
+    return 6.0 * (llm * tokens + vit * patches + head * patches / 4)
 
 
 def measured_peak_flops(seconds: float = 0.3) -> float:
@@ -302,9 +310,12 @@ def resume_latest(model, optimizer, scheduler, ckpt_root: Path, rank: int) -> tu
 def progress_bar(cfg: TrainConfig, rank: int, total: int, initial: int):
     if rank != 0 or not cfg.progress:
         return None
+    import sys
+
     from tqdm import tqdm
+    # redraw often on a terminal; in a log file, a line every 10 s is plenty
     return tqdm(total=total, initial=initial, desc=f"{cfg.phase} {Path(cfg.out_dir).name}", unit="step",
-                dynamic_ncols=True)
+                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
 
 
 def record_skips(batches: list[dict], counts: dict) -> None:
@@ -375,7 +386,6 @@ def train(cfg: TrainConfig) -> Path:
     total_steps = count_steps(len(bins), cfg, world)
 
     n_params = sum(p.numel() for p in model.parameters())
-    n_matmul = matmul_params(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model = parallelize(model, cfg, world, device)
     optimizer, scheduler = make_optimizer(model, lrs, cfg, total_steps)
@@ -399,24 +409,25 @@ def train(cfg: TrainConfig) -> Path:
         micro = [b for b in micro if "input_ids" in b]
         local_targets = sum(num_targets(b) for b in micro)
         global_targets = all_reduce_sum(local_targets, device)
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, patches = 0.0, 0, 0
         for j, b in enumerate(micro):
             with no_grad_sync(model, sync=j == len(micro) - 1):
                 out_ = forward_packed(model, b, device)
                 (out_.loss * world / max(global_targets, 1)).backward()
             loss_sum += out_.loss.item()
             tokens += b["input_ids"].shape[1]
+            patches += 0 if b["pixel_values"] is None else b["pixel_values"].shape[0]
         loss = all_reduce_sum(loss_sum, device) / max(global_targets, 1)
         grad_norm = apply_update(model, optimizer, scheduler, cfg, loss, step)
         if grad_norm is None:
             continue
 
         dt = time.perf_counter() - t0
-        tokens_all = all_reduce_sum(tokens, device)
+        tokens_all, patches_all = all_reduce_sum(tokens, device), all_reduce_sum(patches, device)
         capacity = len(micro) * cfg.max_tokens * world
         row = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": tokens_all / dt, "padding_ratio": 1 - tokens_all / max(capacity, 1),
-               "mfu": 6 * n_matmul * tokens_all / dt / peak, "supervised_tokens": int(global_targets)}
+               "mfu": training_flops(model, tokens_all, patches_all) / dt / peak, "supervised_tokens": int(global_targets)}
         if rank == 0:
             log_step(metrics_file, row, progress, dict(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}",
                                                        tok_s=f"{row['tokens_per_s']:.0f}",

@@ -14,7 +14,6 @@ not used by Ovis and are skipped.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .checkpoint import CheckpointError, checkpoint_files, read_state_dict
-from .config import ConfigError, OvisConfig, Qwen3Config, VisionConfig
+from .config import ConfigError, OvisConfig, Qwen3Config, VisionConfig, read_config_json
 from .model import Ovis
 
 VISION_PREFIX = "visual_tokenizer.vit.vision_model."
@@ -41,16 +40,9 @@ _QWEN3_HF_DEFAULTS = {"tie_word_embeddings": False, "rope_theta": 10000.0, "max_
 def _read_config(path: Path, what: str) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path}: {what} checkpoint directory not found")
-    file = path / "config.json"
-    if not file.exists():
+    if not (path / "config.json").exists():
         raise ConfigError(f"{path}: no config.json in the {what} checkpoint")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a JSON object")
-    return data
+    return read_config_json(path / "config.json")
 
 
 def vision_config_from_hf(path: Path, **ovis_fields) -> tuple[VisionConfig, bool]:

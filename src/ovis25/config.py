@@ -186,18 +186,23 @@ class OvisConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "OvisConfig":
         path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise ConfigError(f"no config.json at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(path / "config.json" if path.is_dir() else path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def read_config_json(file: Path) -> dict:
+    """A config.json as a dict, with a ConfigError naming the file when it is missing or not an object."""
+    if not file.exists():
+        raise ConfigError(f"no config.json at {file}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    return data
 
 
 def ovis2_5_2b() -> OvisConfig:

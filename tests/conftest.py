@@ -1,6 +1,7 @@
 """Shared test helpers: where the golden fixtures live and how to read a case."""
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=None)
+def model_dir() -> Path:
+    """The first fixture model: the checkpoint the CLI and server tests talk to."""
+    return model_dirs()[0]
+
+
+@lru_cache(maxsize=None)
+def reference():
+    """A separate Chat (own model copy) computing the expected one-by-one greedy answers."""
+    import ovis25
+    return ovis25.Chat.from_pretrained(model_dir())

@@ -3,14 +3,12 @@ Chat.generate, thinking with a budget, --draw, video, an interactive session ove
 import os
 import subprocess
 import sys
-from functools import lru_cache
 
 import av
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, REPO, manifest, model_dirs, requires_fixtures
-import ovis25
+from conftest import FIXTURES, REPO, manifest, model_dir, reference, requires_fixtures
 from ovis25 import cli
 from ovis25.processing import read_video
 from ovis25.reasoning import strip_think_tags
@@ -19,16 +17,6 @@ pytestmark = requires_fixtures
 
 SMALL = {"min_pixels": 4096, "max_pixels": 25600}
 SMALL_ARGS = ["--min-pixels", "4096", "--max-pixels", "25600"]
-
-
-@lru_cache(maxsize=None)
-def model_dir():
-    return model_dirs()[0]
-
-
-@lru_cache(maxsize=None)
-def reference() -> "ovis25.Chat":
-    return ovis25.Chat.from_pretrained(model_dir())
 
 
 def image_path(name: str = "rgb_w100_h60"):

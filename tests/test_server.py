@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 
 import av
@@ -22,7 +21,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from conftest import FIXTURES, REPO, manifest, model_dirs, requires_fixtures
+from conftest import FIXTURES, REPO, manifest, model_dir, reference, requires_fixtures
 import ovis25
 from ovis25.reasoning import strip_think_tags
 from ovis25.serve import ServerSettings, create_app
@@ -33,17 +32,6 @@ pytestmark = requires_fixtures
 KEY = "test-key"
 SMALL = {"min_pixels": 4096, "max_pixels": 25600}  # keeps every test fast
 SMALL_KWARGS = {"mm_processor_kwargs": {"images_kwargs": SMALL}}
-
-
-@lru_cache(maxsize=None)
-def model_dir():
-    return model_dirs()[0]
-
-
-@lru_cache(maxsize=None)
-def reference() -> "ovis25.Chat":
-    """A separate Chat (own model copy) computing the expected one-by-one greedy answers."""
-    return ovis25.Chat.from_pretrained(model_dir())
 
 
 def image_file(i: int = 0):

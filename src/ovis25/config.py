@@ -18,28 +18,35 @@ class ConfigError(ValueError):
     """A config.json that cannot describe an Ovis2.5 model."""
 
 
-def _from_dict(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
-    missing = [n for n in cls.required if n not in data]
-    if missing:
-        raise ConfigError(f"{where}: missing required field(s) {', '.join(missing)}")
-    known = {k: v for k, v in data.items() if k in names}
-    extra = {k: copy.deepcopy(v) for k, v in data.items() if k not in names}
-    return cls(**known, extra=extra)
+class ConfigSection:
+    """A nested config.json object (`vit_config`, `llm_config`): known fields become dataclass fields,
+    the rest is kept in `extra` and written back unchanged."""
 
+    section: ClassVar[str]
+    required: ClassVar[tuple[str, ...]]
 
-def _to_dict(obj) -> dict:
-    out = copy.deepcopy(obj.extra)
-    for f in dataclasses.fields(obj):
-        if f.name != "extra":
-            out[f.name] = copy.deepcopy(getattr(obj, f.name))
-    return out
+    @classmethod
+    def from_dict(cls, data: dict):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.section}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+        missing = [n for n in cls.required if n not in data]
+        if missing:
+            raise ConfigError(f"{cls.section}: missing required field(s) {', '.join(missing)}")
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: copy.deepcopy(v) for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        out = copy.deepcopy(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[f.name] = copy.deepcopy(getattr(self, f.name))
+        return out
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(ConfigSection):
     """SigLIP2 NaViT encoder (`vit_config`)."""
 
     hidden_size: int = 1152
@@ -62,6 +69,7 @@ class VisionConfig:
     model_type: str = "siglip2_navit"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    section: ClassVar[str] = "vit_config"
     required: ClassVar[tuple[str, ...]] = (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size",
     )
@@ -92,12 +100,10 @@ class VisionConfig:
         """Side of an attention window, in hidden_stride x hidden_stride groups of patches."""
         return self.window_size // self.hidden_stride // self.patch_size
 
-    from_dict = classmethod(lambda cls, d: _from_dict(cls, d, "vit_config"))
-    to_dict = _to_dict
 
 
 @dataclass
-class Qwen3Config:
+class Qwen3Config(ConfigSection):
     """Qwen3 decoder (`llm_config`)."""
 
     vocab_size: int = 151936
@@ -119,6 +125,7 @@ class Qwen3Config:
     model_type: str = "qwen3"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    section: ClassVar[str] = "llm_config"
     required: ClassVar[tuple[str, ...]] = (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads",
@@ -136,8 +143,6 @@ class Qwen3Config:
                 not in (None, "default"):
             raise ConfigError(f"llm_config: rope_scaling {self.rope_scaling} is not supported")
 
-    from_dict = classmethod(lambda cls, d: _from_dict(cls, d, "llm_config"))
-    to_dict = _to_dict
 
 
 @dataclass

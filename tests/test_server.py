@@ -7,12 +7,14 @@ import http.server
 import io
 import json
 import os
+import signal
 import socket
-import subprocess
-import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 from pathlib import Path
 
 import av
@@ -21,10 +23,11 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from conftest import FIXTURES, REPO, manifest, model_dir, reference, requires_fixtures
+from conftest import FIXTURES, manifest, model_dir, reference, requires_fixtures
 import ovis25
 from ovis25.reasoning import strip_think_tags
 from ovis25.serve import ServerSettings, create_app
+from ovis25.serve.process import ServerProcess
 from ovis25.serve.worker import EngineWorker, QueueFull
 
 pytestmark = requires_fixtures
@@ -102,11 +105,14 @@ def allowed_dir(tmp_path_factory):
     Image.open(image_file(1)).save(outside / "secret.png")
     (root / "link.png").symlink_to(outside / "secret.png")  # a symlink must not lead out
     write_video(root / "clip.mp4")
+    write_video(outside / "secret.ts", container="mpegts")
+    (root / "playlist.m3u8").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1.5,\nfile://{outside}/secret.ts"
+                                        "\n#EXT-X-ENDLIST\n")
     return root
 
 
-def write_video(path, frames: int = 6) -> None:
-    with av.open(str(path), "w") as container:
+def write_video(path, frames: int = 6, container: str | None = None) -> None:
+    with av.open(str(path), "w", format=container) as container:
         stream = container.add_stream("mpeg4", rate=4)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for i in range(frames):
@@ -242,11 +248,18 @@ def test_local_files_and_video(server, allowed_dir):
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
-    """Serves FILES; /slow.png dribbles its bytes out slower than the server's fetch timeout allows."""
+    """Serves FILES; /slow.png dribbles its bytes out slower than the server's fetch timeout allows;
+    /redirect?URL answers 302 to URL."""
 
     FILES: dict[str, bytes] = {}
 
     def do_GET(self):
+        if self.path.startswith("/redirect?"):
+            self.send_response(302)
+            self.send_header("Location", self.path.partition("?")[2])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = self.FILES.get(self.path.lstrip("/").removeprefix("slow-"))
         if data is None:
             self.send_error(404)
@@ -266,31 +279,74 @@ class _Files(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def file_server(host: str) -> http.server.ThreadingHTTPServer:
+    files = http.server.ThreadingHTTPServer((host, 0), _Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    return files
+
+
 def test_remote_urls():
-    """--allow-remote-urls: http(s) images are fetched within the size and time limits."""
+    """--allow-remote-urls: http(s) images are fetched within the size and time limits, from public addresses
+    only unless --allow-private-network lets a network through, and redirects are held to the same rule.
+    The "internal" file server on 127.0.0.2 stands for a private service the server must not reach."""
     small = image_file(0).read_bytes()
     _Files.FILES = {"img.png": small, "big.png": png_bytes(Image.effect_noise((200, 200), 50).convert("RGB"))}
     assert len(_Files.FILES["big.png"]) > 20_000 > len(small)
-    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    threading.Thread(target=files.serve_forever, daemon=True).start()
+    files, internal = file_server("127.0.0.1"), file_server("127.0.0.2")
     base = f"http://127.0.0.1:{files.server_address[1]}"
-    settings = ServerSettings(model_name="remote", allow_remote_urls=True, max_media_bytes=20_000, fetch_timeout=1.0)
-    server = Server(create_app(ovis25.Chat.from_pretrained(model_dir()), settings))
+    inside = f"127.0.0.2:{internal.server_address[1]}/img.png"
+    chat = ovis25.Chat.from_pretrained(model_dir())
+    settings = ServerSettings(model_name="remote", allow_remote_urls=True, max_media_bytes=20_000, fetch_timeout=1.0,
+                              allow_private_networks=("127.0.0.1/32",))
+    server = Server(create_app(chat, settings))
+    default = Server(create_app(chat, ServerSettings(model_name="remote", allow_remote_urls=True)))
     try:
         client = server.client()
         expected = reference().generate(as_chat_messages("Look.", Image.open(image_file(0))), max_new_tokens=6,
                                         **SMALL)
-        res = client.chat.completions.create(model="remote", messages=image_message("Look.", f"{base}/img.png"),
-                                             max_tokens=6, temperature=0, extra_body=SMALL_KWARGS)
-        assert res.choices[0].message.content == expected.text
-        for path, code in (("big.png", "media_too_large"), ("slow-img.png", "fetch_timeout"),
-                           ("missing.png", "fetch_failed")):
+        for url in (f"{base}/img.png", f"{base}/redirect?{base}/img.png"):
+            res = client.chat.completions.create(model="remote", messages=image_message("Look.", url),
+                                                 max_tokens=6, temperature=0, extra_body=SMALL_KWARGS)
+            assert res.choices[0].message.content == expected.text
+        refused = [
+            (server, "big.png", 400, "media_too_large"), (server, "slow-img.png", 400, "fetch_timeout"),
+            (server, "missing.png", 400, "fetch_failed"),
+            # redirects out of the allowed network: loopback, IPv4-mapped IPv6, cloud metadata (link-local)
+            (server, f"redirect?http://{inside}", 403, "url_not_allowed"),
+            (server, f"redirect?http://[::ffff:{inside.replace(':', ']:', 1)}", 403, "url_not_allowed"),
+            (server, "redirect?http://169.254.169.254/latest/meta-data/", 403, "url_not_allowed"),
+            # other schemes and endless redirects are not followed
+            (server, "redirect?file:///etc/hostname", 400, "fetch_failed"),
+            (server, f"redirect?{base}/redirect?{base}/redirect?{base}/redirect?{base}/redirect?{base}/redirect?"
+                     f"{base}/img.png", 400, "fetch_failed"),
+            (default, "img.png", 403, "url_not_allowed"),  # the default: no private address at all
+        ]
+        for target, path, status, code in refused:
             body = json.dumps({"messages": image_message("Look.", f"{base}/{path}"), "max_tokens": 2}).encode()
-            status, reply = raw(server.port, "POST", "/v1/chat/completions", body)
-            assert (status, reply["error"]["code"]) == (400, code), reply
+            got, reply = raw(target.port, "POST", "/v1/chat/completions", body)
+            assert (got, reply["error"]["code"]) == (status, code), (path, reply)
+        assert "127.0.0.2" in raw(server.port, "POST", "/v1/chat/completions", json.dumps(
+            {"messages": image_message("Look.", f"http://{inside}"), "max_tokens": 2}).encode())[1]["error"]["message"]
     finally:
         server.close()
+        default.close()
         files.shutdown()
+        internal.shutdown()
+
+
+def test_address_policy():
+    from ovis25.serve.media import address_allowed
+    default = ServerSettings(model_name="m")
+    for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+                    "0.0.0.0", "224.0.0.1", "::1", "fe80::1%eth0", "fc00::1", "::ffff:10.0.0.1", "::"):
+        assert not address_allowed(address, default), address
+    for address in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"):
+        assert address_allowed(address, default), address
+    opened = ServerSettings(model_name="m", allow_private_networks=("10.0.0.0/8", "::1"))
+    assert address_allowed("10.9.9.9", opened) and address_allowed("::1", opened)
+    assert not address_allowed("127.0.0.1", opened)
+    with pytest.raises(ValueError, match="allow_private_networks"):
+        ServerSettings(model_name="m", allow_private_networks=("not-a-network",))
 
 
 # ---- bad requests ------------------------------------------------------------------------------------------------
@@ -304,12 +360,25 @@ def with_image(url: str) -> dict:
     return chat_body(messages=image_message("hi", url))
 
 
+def with_video(url: str) -> dict:
+    return chat_body(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}])
+
+
 BAD_REQUESTS = {
     "malformed base64": (lambda d: with_image("data:image/png;base64,@@not*base64@@"), 400, "invalid_base64"),
     "non-image bytes": (lambda d: with_image(data_url(b"this is plain text, not a picture")), 400, "invalid_image"),
     "a video that is not one": (lambda d: chat_body(messages=[{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": data_url(b"garbage" * 100, "video/mp4")}}]}]), 400,
         "invalid_video"),
+    # FFmpeg scripts that make it open other files are not demuxed: an uploaded concat script naming a
+    # video relative to the temp dir it is written to, a playlist in the allowed dir naming one outside it
+    "a concat script as a video": (lambda d: with_video(data_url(
+        f"ffconcat version 1.0\nfile {os.path.relpath(d / 'clip.mp4', tempfile.gettempdir())}\n".encode(),
+        "video/mp4")), 400, "invalid_video"),
+    "an HLS playlist leading out": (lambda d: with_video("playlist.m3u8"), 400, "invalid_video"),
+    # Pillow would hand EPS to Ghostscript; only common raster formats are decoded
+    "an EPS image": (lambda d: with_image(data_url(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")),
+                     400, "invalid_image"),
     "too many pixels": (lambda d: with_image(data_url(png_bytes(Image.new("RGB", (1200, 1000))))), 400,
                         "image_too_large"),
     "pixel budget over the limit": (lambda d: chat_body(
@@ -318,6 +387,7 @@ BAD_REQUESTS = {
         {"type": "image_url", "image_url": {"url": data_url(image_file(0).read_bytes())}}] * 4}]), 400,
         "too_many_images"),
     "max_tokens over the limit": (lambda d: chat_body(max_tokens=65), 400, "max_tokens_too_large"),
+    "thinking_budget over the limit": (lambda d: chat_body(thinking_budget=10**6), 400, "max_tokens_too_large"),
     "unknown model": (lambda d: chat_body(model="gpt-4o"), 404, "model_not_found"),
     "no messages": (lambda d: chat_body(messages=[]), 400, "invalid_messages"),
     "bad role": (lambda d: chat_body(messages=[{"role": "robot", "content": "hi"}]), 400, "invalid_role"),
@@ -351,6 +421,10 @@ def test_malformed_http(server):
     assert (status, body["error"]["code"]) == (400, "invalid_json")
     status, body = raw(server.port, "POST", "/v1/chat/completions", b"[1, 2]", auth)
     assert status == 400
+    for bad in (b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",  # nested deeper than json can parse
+                b'{"max_tokens": ' + b"9" * 5000 + b"}"):  # an integer longer than Python converts
+        status, body = raw(server.port, "POST", "/v1/chat/completions", bad, auth)
+        assert (status, body["error"]["code"]) == (400, "invalid_json"), body
     status, body = raw(server.port, "POST", "/v1/chat/completions", b" " * 400_000, auth)
     assert (status, body["error"]["code"]) == (413, "request_too_large")
     assert "--max-body-bytes" in body["error"]["message"]
@@ -372,6 +446,8 @@ def test_api_key_is_enforced(server):
     with pytest.raises(openai.NotFoundError):
         server.client().chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
     assert raw(server.port, "GET", "/health")[0] == 200  # no key needed
+    for path in ("/docs", "/openapi.json", "/redoc"):  # no API description served, with or without a key
+        assert raw(server.port, "GET", path, headers={"Authorization": f"Bearer {KEY}"})[0] == 404
 
 
 # ---- concurrency ------------------------------------------------------------------------------------------------
@@ -412,65 +488,124 @@ def current_rss_mb() -> float:
     pytest.skip("no /proc/self/status on this system")
 
 
+LONG = {"messages": [{"role": "user", "content": "Count forever."}], "extra_body": {"ignore_eos": True}}
+LONG_SERVER = ("--max-tokens-limit", "100000", "--max-model-len", "100100", "--log-level", "warning")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the tiny model is faster on one thread on a busy machine
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port`, from /proc/net/tcp (hex, little-endian)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
+
+
+def test_cli_server_queue_limit_and_disconnect():
+    """`ovis25 serve` with one slot and no queue: it listens on loopback only by default; a second request
+    gets 429 at once; closing a stream aborts its generation and frees the slot (an aborted request must go
+    within seconds, not run 100000 tokens)."""
+    with ServerProcess(model_dir(), "--max-batch", "1", "--max-queue", "0", *LONG_SERVER, env=ONE_THREAD) as proc:
+        assert listening_addresses(proc.port) == {"127.0.0.1"}  # no --host given
+        client = openai.OpenAI(base_url=proc.base_url, api_key="unused", max_retries=0)
+        long = client.chat.completions.create(model=model_dir().name, max_tokens=100000, stream=True,
+                                              temperature=0, **LONG)
+        next(iter(long))  # generation is running
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(model=model_dir().name, messages=LONG["messages"], max_tokens=2)
+        assert err.value.body["code"] == "queue_full"
+        long.close()  # the client goes away mid-stream
+        proc.wait_idle(10)
+
+        # The same for a non-streaming request whose client hangs up while it is being generated.
+        body = json.dumps({"messages": LONG["messages"], "max_tokens": 100000, "ignore_eos": True}).encode()
+        with socket.create_connection(("127.0.0.1", proc.port)) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 10
+            while not proc.health()["requests"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        proc.wait_idle(10)
+        res = client.chat.completions.create(model=model_dir().name, messages=LONG["messages"], max_tokens=2)
+        assert res.choices[0].finish_reason in ("stop", "length")
+
+
+def test_request_timeout():
+    """--request-timeout: a request still generating when it runs out is aborted in the engine (the server
+    holds nothing afterwards) and answered 504 request_timeout; streamed, with an error event."""
+    settings = ServerSettings(model_name="m", max_tokens_limit=100000, max_model_len=100100, request_timeout=1.0)
+    server = Server(create_app(ovis25.Chat.from_pretrained(model_dir()), settings))
+    try:
+        client = server.client()
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="m", max_tokens=100000, **LONG)
+        assert err.value.status_code == 504 and err.value.body["code"] == "request_timeout"
+        assert "--request-timeout=1 s" in err.value.body["message"]
+        assert 1.0 <= time.monotonic() - t0 < 5
+        wait_idle(server.port)
+        chunks = 0
+        with pytest.raises(openai.APIError) as err:
+            for _ in client.chat.completions.create(model="m", max_tokens=100000, stream=True, **LONG):
+                chunks += 1
+        assert chunks > 1 and err.value.body["code"] == "request_timeout"
+        wait_idle(server.port)
+        res = client.chat.completions.create(model="m", messages=LONG["messages"], max_tokens=3)
+        assert res.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.close()
+
+
+def test_graceful_shutdown_finishes_in_flight_requests():
+    """SIGTERM to `ovis25 serve` mid-stream: the server stops accepting connections, the stream in flight
+    completes in full, a request that cannot finish within --drain-timeout gets a 503 error event, and the
+    process exits with status 0."""
+    with ServerProcess(model_dir(), "--drain-timeout", "6", *LONG_SERVER, env=ONE_THREAD) as proc:
+        client = openai.OpenAI(base_url=proc.base_url, api_key="unused", max_retries=0, timeout=60)
+        short = client.chat.completions.create(model=model_dir().name, max_tokens=100, stream=True,
+                                               stream_options={"include_usage": True}, temperature=0, **LONG)
+        endless = client.chat.completions.create(model=model_dir().name, max_tokens=100000, stream=True,
+                                                 temperature=0, **LONG)
+        short_chunks, endless_chunks = iter(short), iter(endless)
+        next(short_chunks), next(endless_chunks)
+        assert proc.health()["requests"] == 2  # both are being generated
+        proc.proc.send_signal(signal.SIGTERM)
+        sent_at = time.monotonic()
+
+        def read_endless() -> dict:
+            with pytest.raises(openai.APIError) as err:
+                for _ in endless_chunks:
+                    pass
+            return err.value.body
+
+        with ThreadPoolExecutor(1) as pool:
+            endless_error = pool.submit(read_endless)
+            deadline = time.monotonic() + 3
+            while True:  # new connections are refused while the requests drain
+                try:
+                    socket.create_connection(("127.0.0.1", proc.port), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+                time.sleep(0.05)
+            rest = list(short_chunks)  # complete: had the drain run out first, this would be a 503 error event
+            assert endless_error.result(timeout=30)["code"] == "server_shutting_down"
+        finish = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"] and rest[-1].usage.completion_tokens == 100
+        assert proc.proc.wait(30) == 0, proc.log_tail()
+        assert time.monotonic() - sent_at < 6 + 5 + 5  # drain, uvicorn's margin, slack
+
+
 def wait_idle(port: int) -> None:
     """Until the server holds no request (an aborted one must go within seconds, not run 100000 tokens)."""
     deadline = time.monotonic() + 10
     while raw(port, "GET", "/health")[1]["requests"]:
         assert time.monotonic() < deadline, "the abandoned request was not aborted"
         time.sleep(0.05)
-
-
-def test_cli_server_queue_limit_and_disconnect():
-    """`ovis25 serve` with one slot and no queue: a second request gets 429 at once; closing a stream aborts
-    its generation and frees the slot."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ovis25", "serve", str(model_dir()), "--port", str(port), "--max-batch", "1",
-         "--max-queue", "0", "--max-tokens-limit", "100000", "--max-model-len", "100100", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "server did not start"
-            try:
-                if raw(port, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        messages = [{"role": "user", "content": "Count forever."}]
-        long = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=100000,
-                                              stream=True, temperature=0, extra_body={"ignore_eos": True})
-        next(iter(long))  # generation is running
-        with pytest.raises(openai.RateLimitError) as err:
-            client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=2)
-        assert err.value.body["code"] == "queue_full"
-        long.close()  # the client goes away mid-stream
-        wait_idle(port)
-
-        # The same for a non-streaming request whose client hangs up while it is being generated.
-        body = json.dumps({"messages": messages, "max_tokens": 100000, "ignore_eos": True}).encode()
-        with socket.create_connection(("127.0.0.1", port)) as conn:
-            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            deadline = time.monotonic() + 10
-            while not raw(port, "GET", "/health")[1]["requests"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        wait_idle(port)
-        res = client.chat.completions.create(model=model_dir().name, messages=messages, max_tokens=2)
-        assert res.choices[0].finish_reason in ("stop", "length")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_worker_survives_a_failing_engine():

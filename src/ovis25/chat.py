@@ -108,7 +108,8 @@ class Chat:
         """-> {"input_ids" (L,) or (1, L), "pixel_values", "grid_thws"} for one conversation."""
         if isinstance(conversation, str):
             conversation = [{"from": "human", "value": conversation}]
-        if not conversation or not all(isinstance(m, dict) for m in conversation):
+        if not isinstance(conversation, Sequence) or not conversation \
+                or not all(isinstance(m, dict) for m in conversation):
             raise ValueError("conversation must be a str or a non-empty list of message dicts")
         if "role" in conversation[0]:
             if images or videos:
@@ -131,6 +132,10 @@ class Chat:
         if config.enable_thinking and config.thinking_budget:  # phase 1 and the forced text may overshoot
             reply = max(reply, config.thinking_budget + len(self.processor.tokenizer.encode(EARLY_STOP_TEXT)))
         need = max(p["input_ids"].numel() for p in prompts) + reply
+        context = self.model.config.llm_config.max_position_embeddings
+        if need > context:  # also keeps an absurd max_new_tokens from sizing a huge KV cache
+            raise ValueError(f"the prompt ({need - reply} tokens) plus up to {reply} new tokens is more than the "
+                             f"model's context length ({context}); lower max_new_tokens")
         engine = self.engine
         if engine is None or engine.max_len < need or engine.max_batch_size < len(prompts):
             slots = max(len(prompts), 0 if engine is None else engine.max_batch_size)

@@ -7,6 +7,7 @@ so an interrupted save never damages the previous checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -112,12 +113,20 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards + [current]
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. the disk is full); what was there before is unchanged."""
+
+
 def write_atomically(target: str | Path, fill) -> None:
-    """Create directory `target` by calling fill(tmp_dir) and renaming; the old target survives a crash."""
+    """Create directory `target` by calling fill(tmp_dir) and renaming; the old target survives a crash.
+
+    An OSError on the way (ENOSPC, EIO, ...) removes the partial copy and is raised as a
+    CheckpointWriteError that names the target and the file being written."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         fill(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -126,11 +135,31 @@ def write_atomically(target: str | Path, fill) -> None:
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old.exists() and not target.exists():
+                os.replace(old, target)  # put the previous one back
+            raise
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(target.parent)  # the renames themselves reach the disk
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            where = f" while writing {Path(e.filename).name}" if e.filename else ""
+            raise CheckpointWriteError(e.errno, f"cannot write checkpoint {target}: {what}{where}; nothing was "
+                                                "replaced and the partial copy was removed") from e
         raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:

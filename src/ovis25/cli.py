@@ -313,9 +313,12 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = ServerSettings(
             model_name=args.served_model_name or Path(args.model_dir).resolve().name, api_key=args.api_key,
             allow_local_dir=args.allow_local_dir, allow_remote_urls=args.allow_remote_urls,
-            max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+            allow_private_networks=tuple(args.allow_private_network), max_batch=args.max_batch,
+            max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
             max_images=args.max_images, max_pixels=args.max_pixels, max_tokens_limit=args.max_tokens_limit,
-            max_model_len=args.max_model_len, max_media_bytes=args.max_media_bytes)
+            max_model_len=args.max_model_len, max_media_bytes=args.max_media_bytes,
+            fetch_timeout=args.fetch_timeout, request_timeout=args.request_timeout or None,
+            drain_timeout=args.drain_timeout)
     except ValueError as e:
         raise CLIError(str(e)) from e
     chat = load_chat(args)
@@ -336,6 +339,23 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
@@ -388,6 +408,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--served-model-name", help="model id for clients (default: the directory name)")
     p.add_argument("--allow-local-dir", metavar="DIR", help="allow image/video file paths inside DIR")
     p.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image/video URLs")
+    p.add_argument("--allow-private-network", action="append", default=[], metavar="CIDR",
+                   help="with --allow-remote-urls: also fetch from this loopback/private network, e.g. "
+                        "127.0.0.1/32 (repeatable; by default only public addresses, redirects included)")
     p.add_argument("--max-batch", type=positive_int, default=4, help="requests decoded together")
     p.add_argument("--max-queue", type=non_negative_int, default=32, help="requests waiting beyond the batch")
     p.add_argument("--max-body-bytes", type=positive_int, default=32 * 2**20)
@@ -397,6 +420,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--max-tokens-limit", type=positive_int, default=4096, help="largest max_tokens (and default)")
     p.add_argument("--max-model-len", type=positive_int, default=8192, help="prompt + answer tokens per request")
     p.add_argument("--max-media-bytes", type=positive_int, default=64 * 2**20, help="one image/video file")
+    p.add_argument("--fetch-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                   help="with --allow-remote-urls: seconds one download may take (also each connection's timeout)")
+    p.add_argument("--request-timeout", type=non_negative_float, default=600.0, metavar="SECONDS",
+                   help="abort a request still running this long after it arrived, answering 504 (0: no limit)")
+    p.add_argument("--drain-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long in-flight requests may take to finish before the exit")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 

@@ -114,6 +114,8 @@ def validate_messages(messages: Sequence[dict]) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {message!r:.80}")
+        if not isinstance(message["role"], str):
+            raise ValueError(f"message {i}: 'role' must be a str, got {type(message['role']).__name__}")
         content = message["content"]
         if isinstance(content, str):
             continue
@@ -248,7 +250,7 @@ def validate_conversations(conversations: Sequence[dict]) -> None:
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise ValueError(f"conversation turn {i}: expected a dict with 'from' and 'value', got {turn!r:.80}")
-        if turn["from"] not in ROLE_PREFIX:
+        if not isinstance(turn["from"], str) or turn["from"] not in ROLE_PREFIX:
             raise ValueError(f"conversation turn {i}: 'from' must be one of {sorted(ROLE_PREFIX)}, "
                              f"got {turn['from']!r}")
         if not isinstance(turn["value"], str):

@@ -100,7 +100,7 @@ def load_image(
                 image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise ValueError(f"{name}: rejected as a decompression bomb by Pillow: {e}") from e
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # ValueError: e.g. a broken PPM header
             raise ValueError(f"{name}: not a readable image ({len(data)} bytes): {e}") from e
 
     width, height = image.size

@@ -45,7 +45,7 @@ def preprocess_video(
     Every frame is resized to the size the rule gives for the first frame; the clip is padded with its
     last frame up to a multiple of temporal_patch_size.
     """
-    if isinstance(frames, (str, bytes, os.PathLike, Image.Image)) or not len(frames):
+    if isinstance(frames, (str, bytes, os.PathLike, Image.Image)) or not isinstance(frames, Sequence) or not frames:
         raise ValueError(f"{name}: expected a non-empty list of frames (use read_video() for a file)")
     check_geometry(patch_size, hidden_stride, temporal_patch_size)
     check_budget(min_pixels, max_pixels)

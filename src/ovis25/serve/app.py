@@ -4,6 +4,12 @@ Request handlers parse and preprocess (images, prompt) in the thread pool, then 
 `EngineWorker`, the single thread that owns the `Engine`, and wait for its events on an asyncio queue.
 A client that goes away has its request aborted, which frees its slot at the next engine step.
 
+Time limits: a request still running --request-timeout seconds after it arrived is aborted in the engine
+and answered 504 (code "request_timeout"; streamed: an error event, then the stream ends). 504, not 408:
+the client sent its request in time, the server did not answer in time. On SIGTERM/SIGINT `serve` stops
+accepting connections, lets in-flight requests finish for up to --drain-timeout seconds, answers the
+rest 503 (code "server_shutting_down") and exits with status 0.
+
 Thinking (`chat_template_kwargs.enable_thinking`) comes back as `reasoning_content`, without the
 <think>/</think> tags. As in the reference chat(), a reply that never closes </think> counts as the answer:
 it is all `content`; streamed, its text first arrives as reasoning deltas and then once more as content.
@@ -11,9 +17,12 @@ it is all `content`; streamed, its text first arrives as reasoning deltas and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +40,7 @@ from ..reasoning import ReasoningStream, strip_think_tags
 from .errors import APIError
 from .protocol import ChatRequest, parse_chat_request
 from .settings import ServerSettings
-from .worker import EngineWorker, QueueFull
+from .worker import EngineWorker, QueueFull, ShuttingDown
 
 log = logging.getLogger("ovis25.serve")
 _DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming handler checks that its client is still there
@@ -53,6 +62,7 @@ def create_app(chat: Chat, settings: ServerSettings) -> FastAPI:
 
     # No /docs or /openapi.json: every route but /health sits behind the API key.
     app = FastAPI(title="ovis25", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker  # for serve()'s shutdown
     _install_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -99,22 +109,27 @@ def create_app(chat: Chat, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:
+        loop = asyncio.get_running_loop()
+        deadline = None if settings.request_timeout is None else loop.time() + settings.request_timeout
         body = await _read_json(request, settings.max_body_bytes)
         req, prompt = await run_in_threadpool(prepare, body)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         ids = [f"{completion_id}-{i}" for i in range(req.n)]
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()
         try:
             worker.submit([(rid, prompt, config) for rid, config in zip(ids, req.choice_configs())],
                           lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         except QueueFull as e:
             raise APIError(429, f"{e} (--max-batch={settings.max_batch}, --max-queue={settings.max_queue})",
                            None, "queue_full") from e
+        except ShuttingDown as e:
+            raise APIError(503, str(e), None, "server_shutting_down") from e
         head = {"id": completion_id, "created": int(time.time()), "model": settings.model_name}
+        wait = _Waiter(events, deadline, settings.request_timeout)
         if req.stream:
-            return StreamingResponse(_stream(worker, events, ids, req, head), media_type="text/event-stream",
+            return StreamingResponse(_stream(worker, wait, ids, req, head), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        results = await _collect(worker, events, ids, request)
+        results = await _collect(worker, wait, ids, request)
         if results is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         return JSONResponse({
@@ -129,11 +144,42 @@ def create_app(chat: Chat, settings: ServerSettings) -> FastAPI:
 
 def serve(chat: Chat, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:
-    """Run the API with uvicorn until interrupted."""
+    """Run the API with uvicorn until SIGTERM/SIGINT, then drain (see the module docstring) and return."""
     import uvicorn
 
-    # Running generations would otherwise hold a shutdown (Ctrl-C, SIGTERM) until they finish.
-    uvicorn.run(create_app(chat, settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    class DrainingServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # noqa: ANN202 (uvicorn's)
+            # As uvicorn's, minus re-raising the signal once shut down: a drained exit is a normal exit (0).
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+        async def shutdown(self, sockets=None) -> None:  # noqa: ANN001 (uvicorn's)
+            log.info("shutting down: %d request(s) in flight get up to %g s to finish (--drain-timeout)",
+                     worker.held, settings.drain_timeout)
+            late = asyncio.get_running_loop().call_later(
+                settings.drain_timeout, worker.close,
+                f"the server is shutting down and the request did not finish within --drain-timeout="
+                f"{settings.drain_timeout:g} s")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                late.cancel()
+
+    app = create_app(chat, settings)
+    worker = app.state.worker
+    # uvicorn's own limit only backs ours up: at drain_timeout the requests left get their 503s, which
+    # then need a moment to be sent.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=settings.drain_timeout + 5)
+    DrainingServer(config).run()
 
 
 # ---- request and response helpers -------------------------------------------------------------------------
@@ -152,11 +198,47 @@ async def _read_json(request: Request, limit: int) -> object:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError as e:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply", None, "invalid_json") from e
+    except ValueError as e:  # also JSONDecodeError, UnicodeDecodeError and integers of over 4300 digits
         raise APIError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from e
 
 
-async def _collect(worker: EngineWorker, events: asyncio.Queue, ids: list[str],
+class _Waiter:
+    """A request's engine events, within its --request-timeout."""
+
+    def __init__(self, events: asyncio.Queue, deadline: float | None, timeout: float | None):
+        self.events, self.deadline, self.timeout = events, deadline, timeout
+
+    async def next(self, poll: float | None = None) -> tuple[str | None, object]:
+        """The next event; (None, None) after `poll` seconds without one; ("timeout", APIError) once the
+        deadline has passed."""
+        loop = asyncio.get_running_loop()
+        wait = poll
+        if self.deadline is not None:
+            left = self.deadline - loop.time()
+            if left <= 0:
+                return "timeout", APIError(504, f"the request did not finish within the server's --request-timeout="
+                                                f"{self.timeout:g} s and was stopped", None, "request_timeout")
+            wait = left if poll is None else min(poll, left)
+        try:
+            return await asyncio.wait_for(self.events.get(), wait)
+        except asyncio.TimeoutError:
+            return None, None
+
+
+def _event_error(kind: str | None, payload: object) -> APIError | None:
+    """The error an event ends a request with, if it does."""
+    if kind == "timeout":
+        return payload
+    if kind == "shutdown":
+        return APIError(503, payload, None, "server_shutting_down")
+    if kind == "error":
+        return APIError(500, payload, None, "generation_failed")
+    return None
+
+
+async def _collect(worker: EngineWorker, wait: _Waiter, ids: list[str],
                    request: Request) -> list[GenerationResult] | None:
     """Final results in choice order, or None when the client disconnected (its requests are aborted)."""
     results: dict[str, GenerationResult] = {}
@@ -164,12 +246,10 @@ async def _collect(worker: EngineWorker, events: asyncio.Queue, ids: list[str],
     check_at = loop.time() + _DISCONNECT_POLL_S
     try:
         while len(results) < len(ids):
-            try:
-                kind, payload = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                kind, payload = None, None
-            if kind == "error":
-                raise APIError(500, payload, None, "generation_failed")
+            kind, payload = await wait.next(_DISCONNECT_POLL_S)
+            error = _event_error(kind, payload)
+            if error is not None:
+                raise error
             if kind == "output" and payload.finished:
                 results[payload.request_id] = payload.result
             if loop.time() >= check_at:  # events arrive at every token, so check on a clock
@@ -182,7 +262,7 @@ async def _collect(worker: EngineWorker, events: asyncio.Queue, ids: list[str],
             worker.abort([i for i in ids if i not in results])
 
 
-async def _stream(worker: EngineWorker, events: asyncio.Queue, ids: list[str], req: ChatRequest,
+async def _stream(worker: EngineWorker, wait: _Waiter, ids: list[str], req: ChatRequest,
                   head: dict) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, content/reasoning deltas, a finish chunk per choice, [DONE]."""
     index = {rid: i for i, rid in enumerate(ids)}
@@ -201,9 +281,10 @@ async def _stream(worker: EngineWorker, events: asyncio.Queue, ids: list[str], r
     try:
         yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(len(ids))])
         while len(results) < len(ids):
-            kind, payload = await events.get()
-            if kind == "error":
-                yield f"data: {json.dumps(APIError(500, payload, None, 'generation_failed').body())}\n\n"
+            kind, payload = await wait.next()
+            error = _event_error(kind, payload)
+            if error is not None:
+                yield f"data: {json.dumps(error.body())}\n\n"
                 break
             i = index[payload.request_id]
             thinking = (reasoning[i].finish(payload.result.thinking) if payload.finished

@@ -12,6 +12,8 @@ class APIError(Exception):
     """A request the server refuses, with the status and a message that says what to change."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        # Request text may hold lone surrogates, which cannot be sent as UTF-8: escape them.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 

@@ -1,11 +1,21 @@
 """Images and videos named by URL in a request: `data:` base64, local files (only under --allow-local-dir)
-and http(s) (only with --allow-remote-urls), each within the size, time and pixel limits."""
+and http(s) (only with --allow-remote-urls), each within the size, time and pixel limits.
+
+Remote fetches connect only to public addresses: every connection, the first one and each redirect's,
+checks the very address it connects to (so a DNS answer that changes between a check and the connect
+cannot get around it); --allow-private-network lets chosen networks through. Proxies from the environment
+are not used, since through a proxy the address connected to could not be checked.
+"""
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import http.client
 import io
+import ipaddress
+import socket
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -20,6 +30,11 @@ from ..processing.image import load_image
 from ..processing.video import read_video
 from .errors import APIError
 from .settings import ServerSettings
+
+
+# What clients send. Pillow opens more, among them formats that run external programs on the data (EPS
+# runs Ghostscript) or that few people fuzz; untrusted bytes get only these decoders.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO (phone cameras)
 
 
 def load_image_url(url: str, where: str, settings: ServerSettings) -> Image.Image:
@@ -51,14 +66,16 @@ def load_video_url(url: str, where: str, settings: ServerSettings, num_frames: i
 
 
 def decode_image(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    Image.init()  # registers all plugins, as Image.open does by itself only without `formats`
     try:
         with warnings.catch_warnings():  # our own pixel limit below is the one that applies
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError as e:
         raise APIError(400, f"{where}: image is too large: {e}", where, "image_too_large") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise APIError(400, f"{where}: not a readable image ({len(data)} bytes)", where, "invalid_image") from e
+        raise APIError(400, f"{where}: not a readable image ({len(data)} bytes; supported formats: "
+                            f"{', '.join(IMAGE_FORMATS)})", where, "invalid_image") from e
     width, height = image.size
     if width * height > max_pixels:  # checked before decoding the pixels
         raise APIError(400, f"{where}: image is {width}x{height} = {width * height} pixels, more than the server's "
@@ -109,7 +126,7 @@ def _fetch(url: str, where: str, settings: ServerSettings) -> bytes:
     limit, deadline = settings.max_media_bytes, time.monotonic() + settings.fetch_timeout
     request = urllib.request.Request(url, headers={"User-Agent": "ovis25-server"})
     try:
-        with urllib.request.urlopen(request, timeout=settings.fetch_timeout) as response:
+        with _opener(settings).open(request, timeout=settings.fetch_timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
                 raise APIError(400, f"{where}: remote file is {declared} bytes, more than the server's limit of "
@@ -126,10 +143,106 @@ def _fetch(url: str, where: str, settings: ServerSettings) -> bytes:
                 chunks.append(chunk)
     except urllib.error.HTTPError as e:
         raise APIError(400, f"{where}: fetching the URL failed with HTTP {e.code}", where, "fetch_failed") from e
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, AddressNotAllowed):
+            raise APIError(403, f"{where}: {e.reason}", where, "url_not_allowed") from e
+        raise APIError(400, f"{where}: cannot fetch the URL: {e.reason}", where, "fetch_failed") from e
+    except (http.client.HTTPException, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise APIError(400, f"{where}: cannot fetch the URL: {reason}", where, "fetch_failed") from e
     return b"".join(chunks)
+
+
+class AddressNotAllowed(OSError):
+    """A remote URL, or one it redirects to, resolves to an address the server must not connect to."""
+
+
+def address_allowed(address: str, settings: ServerSettings) -> bool:
+    """Public unicast addresses, and those inside --allow-private-network; never loopback, private,
+    link-local (cloud metadata at 169.254.169.254), shared, reserved or multicast ones by default."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # without an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if any(ip in network for network in settings.allow_private_networks):
+        return True
+    return ip.is_global and not ip.is_multicast
+
+
+def _connect_checked(settings: ServerSettings, address: tuple[str, int], timeout: object = None,
+                     source_address: tuple[str, int] | None = None) -> socket.socket:
+    """socket.create_connection that refuses a host any of whose addresses is not allowed."""
+    host, port = address
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for *_, sockaddr in infos:
+        if not address_allowed(sockaddr[0], settings):
+            raise AddressNotAllowed(f"the host {host!r} resolves to {sockaddr[0]}, a loopback, private, link-local "
+                                    "or otherwise non-public address; this server does not fetch from such "
+                                    "addresses (see --allow-private-network)")
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if isinstance(timeout, (int, float)):
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error or OSError(f"cannot resolve {host!r}")
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, settings: ServerSettings, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = functools.partial(_connect_checked, settings)
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, settings: ServerSettings, **kwargs):
+        super().__init__(*args, **kwargs)  # TLS is layered over the checked socket; SNI keeps the host name
+        self._create_connection = functools.partial(_connect_checked, settings)
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, settings: ServerSettings):
+        super().__init__()
+        self.settings = settings
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_CheckedHTTPConnection, settings=self.settings), req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, settings: ServerSettings):
+        super().__init__()
+        self.settings = settings
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_CheckedHTTPSConnection, settings=self.settings), req,
+                            context=ssl.create_default_context())
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = 5
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise urllib.error.URLError(f"redirected to a {scheme}: URL; only http(s) is fetched")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(settings: ServerSettings) -> urllib.request.OpenerDirector:
+    """http(s) only, every connection address-checked, at most 5 redirects, no proxies, no other schemes."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (_CheckedHTTPHandler(settings), _CheckedHTTPSHandler(settings), _Redirects(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
+                    urllib.request.UnknownHandler()):
+        opener.add_handler(handler)
+    return opener
 
 
 def _local_path(url: str, where: str, settings: ServerSettings) -> Path:
@@ -173,8 +286,21 @@ def _read_local(url: str, where: str, settings: ServerSettings) -> bytes:
         raise APIError(400, f"{where}: cannot read the file: {e.strerror or e}", where, "file_not_found") from e
 
 
+# Demuxers for real video files. Left out on purpose: playlist and script formats (hls, concat, ...) that
+# make FFmpeg open further files or URLs named inside the data.
+VIDEO_FORMATS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpeg,mpegts,flv,ogg,gif,h264,hevc,m4v"
+
+
 def _read_video(path: str | Path, where: str, num_frames: int) -> list[Image.Image]:
     try:
+        import av
+        try:  # identify the container with only the allowed demuxers before read_video decodes it
+            with av.open(str(path), container_options={"format_whitelist": VIDEO_FORMATS,
+                                                       "protocol_whitelist": "file"}):
+                pass
+        except (av.FFmpegError, OSError) as e:
+            raise APIError(400, f"{where}: not a video in a supported container ({VIDEO_FORMATS})", where,
+                           "invalid_video") from e
         return read_video(path, num_frames)
     except ImportError as e:
         raise APIError(400, f"{where}: this server cannot read videos: {e}", where, "video_unsupported") from e

@@ -9,6 +9,7 @@ cap on thinking tokens).
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ from .settings import ServerSettings
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _VISUAL_PARTS = {"image_url": "image", "video_url": "video"}
+_SHOW = reprlib.Repr()  # request values quoted in errors: short, and safe for any nesting depth
+_SHOW.maxstring = _SHOW.maxother = 80
 
 
 @dataclass
@@ -64,7 +67,7 @@ def parse_chat_request(body: Any, settings: ServerSettings, defaults: Generation
         raise APIError(400, "the request body must be a JSON object", None, "invalid_request")
     model = body.get("model")
     if model is not None and model != settings.model_name:
-        raise APIError(404, f"The model {model!r} does not exist; this server serves {settings.model_name!r}",
+        raise APIError(404, f"The model {_SHOW.repr(model)} does not exist; this server serves {settings.model_name!r}",
                        "model", "model_not_found")
     _reject_unsupported(body)
     messages, has_video = _parse_messages(body.get("messages"), settings)
@@ -95,10 +98,10 @@ def _parse_messages(messages: Any, settings: ServerSettings) -> tuple[list[dict]
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise APIError(400, f"{where} must be an object with 'role' and 'content'", where, "invalid_messages")
-        role = _ROLES.get(message.get("role"))
+        role = _ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
         if role is None:
             raise APIError(400, f"{where}.role must be one of system, developer, user, assistant; got "
-                                f"{message.get('role')!r}", f"{where}.role", "invalid_role")
+                                f"{_SHOW.repr(message.get('role'))}", f"{where}.role", "invalid_role")
         content = message.get("content")
         if content is None and role == "assistant":
             content = ""
@@ -133,7 +136,8 @@ def _parse_part(part: Any, where: str, role: str) -> dict:
             raise APIError(400, f"{where}.text must be a string", f"{where}.text", "invalid_content")
         return {"type": "text", "text": part["text"]}
     if kind not in _VISUAL_PARTS:
-        raise APIError(400, f"{where}: unsupported content type {kind!r} (supported: text, image_url, video_url)",
+        raise APIError(400, f"{where}: unsupported content type {_SHOW.repr(kind)} (supported: text, image_url, "
+                            "video_url)",
                        f"{where}.type", "invalid_content")
     if role == "assistant":
         raise APIError(400, f"{where}: assistant messages can only contain text", where, "invalid_content")
@@ -204,6 +208,9 @@ def _generation_config(body: dict, settings: ServerSettings, defaults: Generatio
     budget = body.get("thinking_budget")
     if budget is not None:
         budget = _int(body, "thinking_budget", None, 1)
+        if budget > limit:  # the thinking phase is not bounded by max_tokens, so bound it here
+            raise APIError(400, f"thinking_budget={budget} is more than the server's --max-tokens-limit={limit}",
+                           "thinking_budget", "max_tokens_too_large")
     changes["thinking_budget"] = budget
     try:
         return defaults.replace(**changes)
@@ -258,7 +265,7 @@ def _int(obj: dict, name: str, default: int | None, minimum: int | None, param: 
         return default
     param = param or name
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{param} must be an integer, got {value!r}", param, "invalid_type")
+        raise APIError(400, f"{param} must be an integer, got {_SHOW.repr(value)}", param, "invalid_type")
     if minimum is not None and value < minimum:
         raise APIError(400, f"{param} must be >= {minimum}, got {value}", param, "invalid_value")
     return value
@@ -269,7 +276,7 @@ def _float(obj: dict, name: str, minimum: float) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"{name} must be a finite number, got {value!r}", name, "invalid_type")
+        raise APIError(400, f"{name} must be a finite number, got {_SHOW.repr(value)}", name, "invalid_type")
     if value < minimum:
         raise APIError(400, f"{name} must be >= {minimum:g}, got {value}", name, "invalid_value")
     return float(value)
@@ -280,5 +287,6 @@ def _bool(obj: dict, name: str, default: bool, param: str | None = None) -> bool
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise APIError(400, f"{param or name} must be true or false, got {value!r}", param or name, "invalid_type")
+        raise APIError(400, f"{param or name} must be true or false, got {_SHOW.repr(value)}", param or name,
+                       "invalid_type")
     return value

@@ -3,7 +3,8 @@
 Handlers `submit` prompts with a sink (a callable that receives events on the worker thread) and `abort`
 them; both only put a message in the inbox, so they never wait for the model. Between two engine steps
 the worker takes in new requests and aborts, so requests join and leave the running batch at any step.
-Events: ("output", RequestOutput) for every step of a request, ("error", message) when it failed.
+Events: ("output", RequestOutput) for every step of a request, ("error", message) when it failed,
+("shutdown", message) when the server stopped it on its way down.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class QueueFull(Exception):
     pass
 
 
+class ShuttingDown(Exception):
+    pass
+
+
 class EngineWorker:
     def __init__(self, engine: Engine, capacity: int):
         self.engine = engine
@@ -30,6 +35,7 @@ class EngineWorker:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._held = 0  # submitted and not yet finished, failed or aborted
+        self._closing: str | None = None  # set by close(): why new requests are refused
         self._sinks: dict[str, Sink] = {}  # worker thread only
         self._thread = threading.Thread(target=self._run, name="ovis25-engine", daemon=True)
 
@@ -41,6 +47,12 @@ class EngineWorker:
             self._inbox.put(("stop",))
             self._thread.join(timeout)
 
+    def close(self, message: str) -> None:
+        """Refuse new requests and stop the ones held, each with a ("shutdown", message) event."""
+        with self._lock:
+            self._closing = message
+        self._inbox.put(("close", message))
+
     @property
     def held(self) -> int:
         return self._held
@@ -48,6 +60,8 @@ class EngineWorker:
     def submit(self, jobs: Sequence[tuple[str, dict, GenerationConfig]], sink: Sink) -> None:
         """Queue (request_id, prompt, config) jobs as one unit; raises QueueFull instead of waiting."""
         with self._lock:
+            if self._closing is not None:
+                raise ShuttingDown(self._closing)
             if self._held + len(jobs) > self.capacity:
                 raise QueueFull(f"the server is busy: {self._held} requests are running or waiting "
                                 f"(capacity {self.capacity}); retry later")
@@ -65,9 +79,12 @@ class EngineWorker:
                 message = self._inbox.get(block=not self.engine.has_unfinished())
                 while True:
                     if message[0] == "stop":
-                        self._fail_all("the server is shutting down")
+                        self._fail_all(("shutdown", "the server is shutting down"))
                         return
-                    self._handle(message)
+                    if message[0] == "close":
+                        self._fail_all(("shutdown", message[1]))
+                    else:
+                        self._handle(message)
                     message = self._inbox.get_nowait()
             except queue.Empty:
                 pass
@@ -99,7 +116,7 @@ class EngineWorker:
             outputs = self.engine.step()
         except Exception as e:  # keep serving: fail the requests in flight, not the server
             log.exception("engine step failed")
-            self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            self._fail_all(("error", f"generation failed: {type(e).__name__}: {e}"))
             return
         for out in outputs:
             sink = self._sinks.get(out.request_id)
@@ -111,10 +128,10 @@ class EngineWorker:
             if not self._deliver(sink, ("output", out)) and not out.finished:
                 self._handle(("abort", [out.request_id]))  # nobody is listening any more
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, event: tuple[str, str]) -> None:
         for request_id, sink in list(self._sinks.items()):
             self._handle(("abort", [request_id]))
-            self._deliver(sink, ("error", message))
+            self._deliver(sink, event)
 
     def _release(self) -> None:
         with self._lock:

@@ -1,32 +1,28 @@
 """GRPO rollout throughput and where a step's time goes (generation vs optimisation).
 
-A tiny Ovis (the demo's preset, random weights) on the synthetic world's P5 prompts (images, verifiable
-answers): 16 prompts x 6 responses per step, up to 24 new tokens, temperature 1, built-in batched engine.
-    python benchmarks/grpo.py [--quick]
+The demo's tiny Ovis (recipe `recipes/tiny/p5.toml`, random weights) on the synthetic world's P5 prompts
+(one image each, verifiable answers): 16 prompts x 6 responses per step, up to 24 new tokens at temperature
+1, rollouts from the built-in batched engine; the first step (warm-up) is left out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import table, write_results
-from ovis25.synth import build_world, write_model_dir
-from ovis25.train import load_recipe, train
+from common import PeakMemory, pick, table
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "p5.toml"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+def run(mode: str) -> dict:
+    from ovis25.synth import build_world, write_model_dir
+    from ovis25.train import load_recipe, train
     torch.manual_seed(0)
-    steps = 3 if args.quick else 8
-    with tempfile.TemporaryDirectory() as tmp:
+    steps = pick(mode, 8, 3, 2)
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         root = Path(tmp)
         world = root / "world"
         build_world(world, seed=0, sizes={"grpo": 16, "caption": 1})
@@ -34,23 +30,28 @@ def main() -> None:
         info["synth_grpo"] = {"meta_file": "grpo.jsonl", "image_dir": "images", "data_format": "conversation"}
         (world / "datainfo.json").write_text(json.dumps(info))
         init = write_model_dir(root / "init", world / "tokenizer")
-        cfg = load_recipe(RECIPE, [f'init="{init}"', f'out_dir="{root / "run"}"', f'datainfo="{world / "datainfo.json"}"',
-                                   f"max_steps={steps}", "epochs=8", "progress=false", "export=false"])
+        overrides = [f'init="{init}"', f'out_dir="{root / "run"}"', f'datainfo="{world / "datainfo.json"}"',
+                     f"max_steps={steps}", "epochs=8", "progress=false", "export=false"]
+        if mode == "smoke":
+            overrides += ["grpo_prompts_per_step=2", "grpo_group_size=2"]
+        cfg = load_recipe(RECIPE, overrides)
         train(cfg)
-        rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     group, prompts = cfg.extra["grpo_group_size"], cfg.extra["grpo_prompts_per_step"]
-    out = []
-    for r in rows[1:]:  # the first step includes warm-up
-        n = group * prompts
-        out.append({"step": r["step"], "responses_per_s": n / r["rollout_s"],
-                    "tokens_per_s": n * r["response_tokens"] / r["rollout_s"], "rollout_s": r["rollout_s"],
-                    "step_s": r["step_s"], "generation_share": r["rollout_s"] / r["step_s"]})
-    mean = {k: sum(r[k] for r in out) / len(out) for k in out[0] if k != "step"}
-    print(table(out + [{"step": "mean", **mean}], ["step", "responses_per_s", "tokens_per_s", "rollout_s", "step_s",
-                                                   "generation_share"]))
-    write_results("grpo" + ("-quick" if args.quick else ""), out, {"group": group, "prompts": prompts,
-                                                                  "max_new_tokens": cfg.extra["grpo_max_new_tokens"]})
+    n = group * prompts
+    rows = [{"step": r["step"], "responses_per_s": n / r["rollout_s"],
+             "tokens_per_s": n * r["response_tokens"] / r["rollout_s"], "rollout_s": r["rollout_s"],
+             "step_s": r["step_s"], "generation_share": r["rollout_s"] / r["step_s"]} for r in metrics[1:]]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "step"}
+    return {"config": {"group": group, "prompts": prompts, "max_new_tokens": cfg.extra["grpo_max_new_tokens"],
+                       "steps": steps}, "rows": rows, "mean": {"step": "mean", **mean, **mem.columns()}}
 
 
-if __name__ == "__main__":
-    main()
+def render(result: dict) -> str:
+    c = result["config"]
+    return (f"{c['prompts']} prompts x {c['group']} responses per step, up to {c['max_new_tokens']} new tokens; "
+            f"mean of steps 2-{c['steps']}.\n\n" +
+            table([result["mean"]], {"responses_per_s": "responses/s", "tokens_per_s": "generated tokens/s",
+                                     "rollout_s": "rollout s/step", "step_s": "whole step s",
+                                     "generation_share": "share of the step spent generating",
+                                     "peak_rss_gb": "peak RSS GB"}))

@@ -67,11 +67,13 @@ def check_result(res, case: dict) -> None:
 
 # ---- reference parity ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("compile_decode", [False, True], ids=["eager", "compile_decode"])
 @pytest.mark.parametrize("entry", CHAT_CASES, ids=case_id)
-def test_engine_matches_reference(entry):
+def test_engine_matches_reference(entry, compile_decode, single_thread):
+    """Token-exact greedy parity, also with the compiled decode kernel (its float rounding differs from MKL's)."""
     case, tensors = fixture(entry["path"])
     chat = chat_for(entry["model"])
-    engine = Engine(chat.model, chat.processor.tokenizer, max_batch_size=1, max_len=512)
+    engine = Engine(chat.model, chat.processor.tokenizer, max_batch_size=1, max_len=512, compile_decode=compile_decode)
     call = case["call"]
     res = engine.generate([prompt_of(tensors)], reference_config(call))[0]
     check_result(res, case)
@@ -134,12 +136,14 @@ def test_chat_messages_match_reference(entry):
 
 # ---- batching -----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("compile_decode", [False, True], ids=["eager", "compile_decode"])
 @pytest.mark.parametrize("model", MODELS)
-def test_continuous_batching_matches_one_by_one(model):
-    """Mixed image/video/text/budget prompts, fewer slots than requests, one joining mid-way, one aborted."""
+def test_continuous_batching_matches_one_by_one(model, compile_decode, single_thread):
+    """Mixed image/video/text/budget prompts, fewer slots than requests, one joining mid-way, one aborted
+    (with compile_decode the decode steps of 1..3 rows use the compiled kernel)."""
     entries = [e for e in CHAT_CASES if e["model"] == model]
     chat = chat_for(model)
-    engine = Engine(chat.model, chat.processor.tokenizer, max_batch_size=3, max_len=512)
+    engine = Engine(chat.model, chat.processor.tokenizer, max_batch_size=3, max_len=512, compile_decode=compile_decode)
     fixtures = {e["path"]: fixture(e["path"]) for e in entries}
     first, late = entries[:-1], entries[-1]
     expected, results = {}, {}

@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .model.llm import AttnContext, KVCache
+from .model.llm import AttnContext, KVCache, apply_linear, small_batch_linear
 from .model.ovis import INDICATOR_IDS, VISUAL_ATOM_ID, Ovis
 
 EARLY_STOP_TEXT = ("\n\nConsidering the limited time by the user, I have to give the solution based on the "
                    "thinking directly now.\n</think>\n\n")
 THINK_END, IM_END = "</think>", "<|im_end|>"
+# As vLLM: lower temperatures are greedy (logits / temperature would overflow to inf and sample NaN).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 if TYPE_CHECKING:  # the engine itself needs no image libraries
     from .processing.tokenizer import Tokenizer
@@ -61,11 +63,20 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop must be a str or a list of str, got {type(self.stop).__name__}")
         object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.eos_token_ids, int):
             object.__setattr__(self, "eos_token_ids", (self.eos_token_ids,))
         elif self.eos_token_ids is not None:
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        for name in ("temperature", "top_p", "repetition_penalty"):  # torch cannot take ints beyond 64 bits
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                try:
+                    object.__setattr__(self, name, float(value))
+                except OverflowError:
+                    raise ValueError(f"{name} must be a finite number, got {value!r}") from None
         self._validate()
 
     def _validate(self) -> None:
@@ -84,8 +95,8 @@ class GenerationConfig:
         if not isinstance(self.repetition_penalty, (int, float)) or not math.isfinite(self.repetition_penalty) \
                 or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if self.eos_token_ids is not None and any(not is_int(i) or i < 0 for i in self.eos_token_ids):
@@ -215,9 +226,12 @@ def sample_token(logits: torch.Tensor, config: GenerationConfig, generated: Sequ
         seen = logits[idx]
         logits = logits.index_put((idx,), torch.where(seen < 0, seen * config.repetition_penalty,
                                                       seen / config.repetition_penalty))
-    if not config.do_sample or config.temperature == 0:
+    if not config.do_sample or config.temperature < GREEDY_BELOW_TEMPERATURE:
         return int(logits.argmax())
-    logits = logits / config.temperature
+    # A tiny repetition penalty can overflow float32 to inf, which makes the probabilities NaN; clamped, the
+    # largest logits tie at the float32 maximum instead.
+    finfo = torch.finfo(logits.dtype)
+    logits = (logits / config.temperature).clamp(finfo.min, finfo.max)
     if 0 < config.top_k < logits.numel():
         kth = torch.topk(logits, config.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -262,7 +276,11 @@ class Engine:
     """
 
     def __init__(self, model: Ovis, tokenizer: "Tokenizer", max_batch_size: int = 8, max_len: int = 4096,
-                 eos_token_ids: int | Iterable[int] | None = None):
+                 eos_token_ids: int | Iterable[int] | None = None, compile_decode: bool = False):
+        """compile_decode: run the decode step's projections and LM head through a torch.compile'd
+        matrix-vector kernel (CPU, up to 8 sequences per step; see `model.llm.small_batch_linear`): ~1.5x
+        faster decoding on CPU, a few seconds of compilation on first use, float results equal up to
+        rounding (not bit-identical to the default path)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_len < 1:
@@ -275,8 +293,9 @@ class Engine:
         self.think_end_id = tokenizer.token_to_id(THINK_END)
         self.im_end_id = tokenizer.token_to_id(IM_END)
         self.early_stop_ids = tokenizer.encode(EARLY_STOP_TEXT)
-        weight = model.llm.lm_head.weight
+        weight = model.llm.model.embed_tokens.weight  # not the LM head: quantization may replace it
         self.device = weight.device
+        self.decode_linear = small_batch_linear if compile_decode else apply_linear
         self.cache = KVCache(llm_config, max_batch_size, max_len, weight.dtype, weight.device)
         self.max_batch_size, self.max_len = max_batch_size, max_len
         self.free_slots = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
@@ -367,9 +386,15 @@ class Engine:
             configs = [configs] * len(prompts)
         if len(configs) != len(prompts):
             raise ValueError(f"got {len(configs)} configs for {len(prompts)} prompts")
-        ids = [self.add_request(p["input_ids"], p.get("pixel_values"), p.get("grid_thws"), c)
-               for p, c in zip(prompts, configs)]
-        return [out.result for i in ids for out in self.stream(i) if out.finished]
+        ids = []
+        try:
+            for p, c in zip(prompts, configs):
+                ids.append(self.add_request(p["input_ids"], p.get("pixel_values"), p.get("grid_thws"), c))
+            return [out.result for i in ids for out in self.stream(i) if out.finished]
+        except BaseException:  # leave no request behind to run on in the next call
+            for i in ids:
+                self.abort(i)
+            raise
 
     def stream(self, request_id: int | str) -> Iterator[RequestOutput]:
         """One request's outputs until it finishes (or is aborted), stepping the engine as needed. Outputs
@@ -388,8 +413,8 @@ class Engine:
 
     # -- forwards --
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.llm.lm_head(hidden).float()
+    def _logits(self, hidden: torch.Tensor, linear=apply_linear) -> torch.Tensor:
+        return linear(hidden, self.model.llm.lm_head)[0].float()
 
     def _prefill(self, reqs: list[_Request]) -> torch.Tensor:
         """All new prompts in one packed forward; the vision encoder sees all their images at once."""
@@ -430,9 +455,9 @@ class Engine:
         ids = torch.tensor([[r.feed[0]] for r in reqs], device=self.device)
         positions = self.cache.lengths[slots][:, None].to(self.device)
         hidden = self.model.llm(self.model.llm.model.embed_tokens(ids), positions,
-                                AttnContext(cache=self.cache, slots=slots))
+                                AttnContext(cache=self.cache, slots=slots, linear=self.decode_linear))
         self.stats.decode_steps += 1
-        return self._logits(hidden[:, 0])
+        return self._logits(hidden[:, 0], self.decode_linear)
 
     # -- bookkeeping --
 

@@ -5,10 +5,15 @@ Attention runs in one of three ways, chosen by the `AttnContext` built by the ca
   packed  (1, T) several sequences back to back (cu_seqlens)      -- training and batched prefill
   cache   new tokens appended to per-slot KV caches (slots)       -- generation
 Module names follow the released checkpoints (`llm.model.layers.N.self_attn.q_proj`, `llm.lm_head`).
+
+Decoding one token per sequence is memory bound: every step streams all weights through a matrix-vector
+product. `small_batch_linear` is an opt-in (`AttnContext.linear`) compiled kernel for that case (see
+BENCHMARKS.md for why and how much).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -33,12 +38,97 @@ class KVCache:
         self.lengths[slots] = 0
 
 
+def apply_linear(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each module applied to x: the default way projections are run (see `AttnContext.linear`)."""
+    return tuple(m(x) for m in modules)
+
+
+# ---- small-batch linear: the decode step's matrix-vector products ----------------------------------------
+
+SMALL_BATCH_ROWS = 8  # up to this many rows the reduction kernel beats MKL on CPU; above it MKL's GEMM wins
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (N, K).T -> (M, N), any weight dtype (int8 is converted on the fly).
+
+    Written as a reduction with the weight row outermost so that, compiled, it is one loop that streams each
+    weight row once for all M rows: MKL's sgemv reaches ~55% of this CPU's memory bandwidth, this ~95%.
+    Run eagerly (not compiling, e.g. after torch.compile gave up recompiling) it uses the plain matmul,
+    since the reduction would materialise an (N, M, K) product.
+    """
+    if not torch.compiler.is_compiling():
+        return F.linear(x, weight.to(x.dtype))
+    return (weight.to(x.dtype)[:, None, :] * x).sum(-1).t().contiguous()
+
+
+# Threads of the compiled kernel; None = half of torch's threads (at least one). A matrix-vector product is
+# bound by memory bandwidth, which a few cores already saturate (one core reads ~38 GB/s on the 2-core
+# development machine, as fast as two), and fewer threads keep one busy core from stalling every step.
+DECODE_KERNEL_THREADS: int | None = None
+_compiled_gemv: Callable | None = None
+
+
+def compiled_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`gemv` through torch.compile, built on first use (seconds on CPU; needs a C++ compiler). Dynamic
+    shapes: one compilation for one row and one for several serve every layer shape."""
+    global _compiled_gemv
+    if _compiled_gemv is None:
+        threads = DECODE_KERNEL_THREADS or max(1, torch.get_num_threads() // 2)
+        _compiled_gemv = torch.compile(gemv, dynamic=True, options={"cpp.threads": threads})
+    return _compiled_gemv(x, weight)
+
+
+def small_batch_linear(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`apply_linear` for decode steps: plain nn.Linear layers applied to few rows on CPU go through the
+    compiled `gemv`; anything else (more rows, GPU, quantized or LoRA-wrapped layers, autograd) is left
+    to the modules."""
+    rows = x.numel() // x.shape[-1]
+    plain = all(type(m) is nn.Linear and type(m.weight.data) is torch.Tensor for m in modules)  # no subclasses
+    if not plain or rows > SMALL_BATCH_ROWS or x.device.type != "cpu" \
+            or (torch.is_grad_enabled() and (x.requires_grad or any(m.weight.requires_grad for m in modules))):
+        return apply_linear(x, *modules)
+    flat = x.reshape(rows, x.shape[-1])
+    outs = []
+    for m in modules:
+        y = compiled_gemv(flat, m.weight.detach())  # a plain tensor: dynamo keeps parameter shapes static
+        outs.append((y if m.bias is None else y + m.bias).view(*x.shape[:-1], y.shape[-1]))
+    return tuple(outs)
+
+
+@dataclass
+class DecodePlan:
+    """Where one decode step writes and reads in the cache; the same for every layer, so built once."""
+
+    rows: torch.Tensor     # (B,) slot of each batch row
+    pos: torch.Tensor      # (B,) cache position the new token is written to
+    lo: int                # attention runs over the slot range [lo, hi) as a view of the cache
+    index: torch.Tensor    # (B,) rows - lo
+    scatter: bool          # batch rows are not exactly the slots lo..hi-1 in order: scatter q into the range
+    mask: torch.Tensor     # (hi - lo, 1, 1, span) keys each row of the range may see
+
+    @classmethod
+    def build(cls, cache: "KVCache", slots: list[int], device: torch.device) -> "DecodePlan":
+        pos = cache.lengths[slots].to(device)
+        rows = torch.tensor(slots, device=device)
+        span = int(cache.lengths[slots].max()) + 1
+        # Attend over a *view* of the slot range [lo, hi) instead of gathering rows (a gather copies the
+        # whole cache every step); free slots inside the range get a dummy query whose output is dropped.
+        lo, hi = min(slots), max(slots) + 1
+        index = rows - lo
+        lengths = torch.zeros(hi - lo, dtype=torch.long, device=device).index_copy(0, index, pos)
+        mask = (torch.arange(span, device=device)[None, :] <= lengths[:, None])[:, None, None, :]
+        scatter = hi - lo != len(slots) or slots != sorted(slots)
+        return cls(rows, pos, lo, index, scatter, mask)
+
+
 @dataclass
 class AttnContext:
     mask: torch.Tensor | None = None        # dense: (B, 1, L, L) bool, None = plain causal
     cu_seqlens: torch.Tensor | None = None  # packed: (S+1,) offsets into the single row of x
     cache: KVCache | None = None            # cache mode: append to these slots
     slots: list[int] | None = None          # one slot per packed segment (or per batch row when decoding)
+    linear: Callable[..., tuple[torch.Tensor, ...]] = apply_linear  # how projections are applied
+    plan: DecodePlan | None = field(default=None, repr=False)  # filled in by the model for a decode step
 
 
 class RMSNorm(nn.Module):
@@ -77,9 +167,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext,
                 layer: int) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, n, self.n_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(b, n, self.n_kv, self.head_dim))
-        v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim)
+        q, k, v = ctx.linear(x, self.q_proj, self.k_proj, self.v_proj)
+        q = self.q_norm(q.view(b, n, self.n_heads, self.head_dim))
+        k = self.k_norm(k.view(b, n, self.n_kv, self.head_dim))
+        v = v.view(b, n, self.n_kv, self.head_dim)
         q, k = apply_rotary(q, cos[:, :, None], sin[:, :, None]), apply_rotary(k, cos[:, :, None], sin[:, :, None])
         if ctx.cache is not None:
             out = self._cached(q, k, v, ctx, layer)
@@ -89,30 +180,23 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=ctx.mask, is_causal=ctx.mask is None,
                                                  enable_gqa=self.n_heads != self.n_kv).transpose(1, 2)
-        return self.o_proj(out.reshape(b, n, -1))
+        return ctx.linear(out.reshape(b, n, -1), self.o_proj)[0]
 
     def _cached(self, q, k, v, ctx: AttnContext, layer: int) -> torch.Tensor:
         cache, slots = ctx.cache, ctx.slots
         kc, vc = cache.k[layer], cache.v[layer]
         gqa = self.n_heads != self.n_kv
         if ctx.cu_seqlens is None:  # decode: one new token per batch row, each row its own slot
-            pos = cache.lengths[slots]
-            rows = torch.tensor(slots, device=kc.device)
-            kc[rows, :, pos.to(kc.device)] = k[:, 0]
-            vc[rows, :, pos.to(kc.device)] = v[:, 0]
-            span = int(pos.max()) + 1
-            # Attend over a *view* of the slot range [lo, hi) instead of gathering rows (a gather copies the
-            # whole cache every step); free slots inside the range get a dummy query whose output is dropped.
-            lo, hi = min(slots), max(slots) + 1
-            keys, values = kc[lo:hi, :, :span], vc[lo:hi, :, :span]
-            index = rows - lo
-            q_rows = q.new_zeros(hi - lo, *q.shape[1:]).index_copy(0, index, q) if hi - lo != len(slots) or \
-                slots != sorted(slots) else q
-            lengths = torch.zeros(hi - lo, dtype=torch.long, device=kc.device).index_copy(0, index, pos.to(kc.device))
-            mask = (torch.arange(span, device=kc.device)[None, :] <= lengths[:, None])[:, None, None, :]
-            out = F.scaled_dot_product_attention(q_rows.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=gqa)
+            plan = ctx.plan or DecodePlan.build(cache, slots, kc.device)
+            kc[plan.rows, :, plan.pos] = k[:, 0]
+            vc[plan.rows, :, plan.pos] = v[:, 0]
+            hi, span = plan.lo + plan.mask.shape[0], plan.mask.shape[-1]
+            keys, values = kc[plan.lo:hi, :, :span], vc[plan.lo:hi, :, :span]
+            q_rows = q.new_zeros(hi - plan.lo, *q.shape[1:]).index_copy(0, plan.index, q) if plan.scatter else q
+            out = F.scaled_dot_product_attention(q_rows.transpose(1, 2), keys, values, attn_mask=plan.mask,
+                                                 enable_gqa=gqa)
             out = out.transpose(1, 2)
-            return out if q_rows is q else out[index]
+            return out[plan.index] if plan.scatter else out
         # packed append: segment i goes to slot slots[i] after the tokens that slot already holds
         starts = ctx.cu_seqlens.tolist()
         prefix = cache.lengths[slots].tolist()
@@ -140,8 +224,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, linear: Callable = apply_linear) -> torch.Tensor:
+        gate, up = linear(x, self.gate_proj, self.up_proj)
+        return linear(F.silu(gate) * up, self.down_proj)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -154,7 +239,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, ctx: AttnContext, layer: int):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.linear)
 
 
 class Qwen3Model(nn.Module):
@@ -182,6 +267,8 @@ class Qwen3ForCausalLM(nn.Module):
         """inputs_embeds (B, L, H), position_ids (B, L) -> final-norm hidden states (B, L, H)."""
         ctx = ctx or AttnContext()
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        if ctx.cache is not None and ctx.cu_seqlens is None:  # decode: one plan for all layers
+            ctx = replace(ctx, plan=DecodePlan.build(ctx.cache, ctx.slots, inputs_embeds.device))
         x = inputs_embeds
         hidden = [x]
         for i, layer in enumerate(self.model.layers):

@@ -12,6 +12,9 @@ BENCHMARKS.md for why and how much).
 """
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -68,10 +71,19 @@ DECODE_KERNEL_THREADS: int | None = None
 _compiled_gemv: Callable | None = None
 
 
+def have_cxx_compiler() -> bool:
+    """torch.compile's CPU backend builds C++: without a compiler it fails on first use."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
 def compiled_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`gemv` through torch.compile, built on first use (seconds on CPU; needs a C++ compiler). Dynamic
     shapes: one compilation for one row and one for several serve every layer shape."""
     global _compiled_gemv
+    if _compiled_gemv is None and x.device.type == "cpu" and not have_cxx_compiler():
+        logging.getLogger(__name__).warning("no C++ compiler found (set CXX or install g++): the compiled decode "
+                                            "kernel falls back to the plain matmul")
+        _compiled_gemv = gemv  # eager: same results, MKL speed
     if _compiled_gemv is None:
         threads = DECODE_KERNEL_THREADS or max(1, torch.get_num_threads() // 2)
         _compiled_gemv = torch.compile(gemv, dynamic=True, options={"cpp.threads": threads})

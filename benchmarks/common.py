@@ -205,6 +205,8 @@ def table(rows: list[dict], columns: list[str] | dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def verdict(met: bool, target: str, why: str = "") -> str:
-    """One line for a target: met, or missed and why."""
-    return f"**Target {'met' if met else 'missed'}:** {target}." + ("" if met or not why else f" Why: {why}")
+def verdict(met: bool, target: str, why: str = "", parity: bool = False) -> str:
+    """One line for a target: met, at parity (missed by less than the noise: say so rather than round it
+    up), or missed; with why when not met."""
+    label = "met" if met else "at parity, within noise" if parity else "missed"
+    return f"**Target {label}:** {target}." + ("" if met or not why else f" Why: {why}")

@@ -110,22 +110,20 @@ def create_app(chat: Chat, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:
         loop = asyncio.get_running_loop()
-        deadline = None if settings.request_timeout is None else loop.time() + settings.request_timeout
+        wait = _Waiter(settings.request_timeout)  # the clock starts when the request arrives
         body = await _read_json(request, settings.max_body_bytes)
         req, prompt = await run_in_threadpool(prepare, body)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         ids = [f"{completion_id}-{i}" for i in range(req.n)]
-        events: asyncio.Queue = asyncio.Queue()
         try:
             worker.submit([(rid, prompt, config) for rid, config in zip(ids, req.choice_configs())],
-                          lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                          lambda event: loop.call_soon_threadsafe(wait.events.put_nowait, event))
         except QueueFull as e:
             raise APIError(429, f"{e} (--max-batch={settings.max_batch}, --max-queue={settings.max_queue})",
                            None, "queue_full") from e
         except ShuttingDown as e:
             raise APIError(503, str(e), None, "server_shutting_down") from e
         head = {"id": completion_id, "created": int(time.time()), "model": settings.model_name}
-        wait = _Waiter(events, deadline, settings.request_timeout)
         if req.stream:
             return StreamingResponse(_stream(worker, wait, ids, req, head), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -207,8 +205,10 @@ async def _read_json(request: Request, limit: int) -> object:
 class _Waiter:
     """A request's engine events, within its --request-timeout."""
 
-    def __init__(self, events: asyncio.Queue, deadline: float | None, timeout: float | None):
-        self.events, self.deadline, self.timeout = events, deadline, timeout
+    def __init__(self, timeout: float | None):
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.timeout = timeout
+        self.deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
 
     async def next(self, poll: float | None = None) -> tuple[str | None, object]:
         """The next event; (None, None) after `poll` seconds without one; ("timeout", APIError) once the

@@ -7,8 +7,9 @@ after every phase `eval.json` = {phase: {task: {"accuracy", "n", "thinking"[, "m
 thinking-on evaluation appear again as `<phase>+think`), then `report.md` with plots and examples.
 
 Phases (recipes in recipes/tiny/): P0 language pretraining of the from-scratch LLM on the world's text
-(a real run starts from a pretrained Qwen3 instead), P1 VET pretraining on captions, P2 multimodal
-pretraining, P3 instruction tuning with thinking traces, P4 DPO, P5 GRPO.
+and P0v vision pretraining of the from-scratch visual tokenizer on region labels (a real run starts from
+a pretrained Qwen3 and SigLIP2 instead), P1 VET pretraining on captions, P2 multimodal pretraining, P3
+instruction tuning with thinking traces, P4 DPO, P5 GRPO.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ log = logging.getLogger("ovis25.demo")
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes" / "tiny"
 PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}
-TRAIN_PHASES = ("p0", "p1", "p2", "p3", "p4", "p5")
+TRAIN_PHASES = ("p0", "p0v", "p1", "p2", "p3", "p4", "p5")
+VISION = {"tiny": {}, "ci": {"scenes_per_task": 3, "test_scenes_per_task": 2, "batch_images": 8}}
 HELD_OUT_PAIRS = 40  # preference pairs kept out of DPO to measure preference accuracy
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
 
@@ -83,8 +85,10 @@ def text_only_dataset(world: Path, seed: int = 0) -> None:
         for i in range(TEXT_PER_TASK):
             sample = TASKS[task](rng)
             add(f"{task}-{i}", f"{sample.caption}\n{sample.question}", sample.answer)
+    bare: dict[str, int] = {}
     for s in json.loads((world / info["synth_qa"]["meta_file"]).read_text()):
-        if s["task"] not in CAPTIONED:
+        if s["task"] not in CAPTIONED and bare.setdefault(s["task"], 0) < TEXT_PER_TASK:
+            bare[s["task"]] += 1
             conv = [{"from": t["from"], "value": re.sub(r"<(image|video)>\n?", "", t["value"])}
                     for t in s["conversations"]]
             samples.append({"id": f"text-{s['id']}", "conversations": conv})
@@ -113,6 +117,7 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
     """Run (or resume: finished phases are kept) the curriculum; `overrides` apply to every phase's recipe,
     `phase_overrides[phase]` to one phase only."""
     from .synth import build_world, write_model_dir
+    from .synth.pretrain import VisionPretrainConfig, pretrain_visual_tokenizer
     from .train import load_recipe, train
 
     run = runs_dir / name
@@ -135,13 +140,17 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
     for phase in TRAIN_PHASES:
         t0 = time.perf_counter()
         final = run / phase / "final"
-        if not (final / "config.json").exists():
+        if phase == "p0v" and not (final / "config.json").exists():
+            vision = {**VISION[preset], **({"steps": overrides["max_steps"]} if "max_steps" in (overrides or {}) else {})}
+            pretrain_visual_tokenizer(previous, run / phase, seed, VisionPretrainConfig(**vision),
+                                      progress=(overrides or {}).get("progress", True))
+        elif not (final / "config.json").exists():
             keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{world / "datainfo.json"}"',
                     f"seed={seed}"] + [f"{k}={json.dumps(v)}" for k, v in
                                        {**(overrides or {}), **(phase_overrides or {}).get(phase, {})}.items()]
             train(load_recipe(RECIPES / f"{phase}.toml", keys))
         timings[phase] = time.perf_counter() - t0
-        if phase != "p0":
+        if phase not in ("p0", "p0v"):
             evaluate_phase(final, world, phase, phase >= THINKING_FROM, eval_limit, results, run)
         if phase in ("p3", "p4"):  # DPO should raise it
             from .model import Ovis

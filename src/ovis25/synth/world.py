@@ -93,9 +93,10 @@ def describe(objs: list[Obj]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def draw_obj(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
+def draw_obj(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, ...] | int | None = None) -> None:
+    """Draw `obj` in its colour, or in `fill` (a label map draws class ids with the same geometry)."""
     x0, y0, x1, y1 = obj.box
-    fill = COLORS[obj.color]
+    fill = COLORS[obj.color] if fill is None else fill
     if obj.shape == "circle":
         draw.ellipse(obj.box, fill=fill)
     elif obj.shape == "square":
@@ -308,7 +309,7 @@ def chart(rng: random.Random) -> Sample:
         "chart", [image], question, answer, metric, caption=f"a bar chart: {listing}",
         reasoning=reasoning, slip=slip, wrong=wrong,
         meta={"kind": kind, "labels": labels, "values": values, "color": color, "unit": unit, "base": base,
-              "bars": bars})
+              "bars": bars, "font_size": fs})
 
 
 def grounding(rng: random.Random) -> Sample:
@@ -330,11 +331,12 @@ def grounding(rng: random.Random) -> Sample:
 def multi_image(rng: random.Random) -> Sample:
     shape = rng.choice(SHAPES)
     counts = rng.sample(range(1, 6), 2)
-    images, colors = [], []
+    images, colors, objects = [], [], []
     for n in counts:
-        image, _, color = counting(rng, shape, n)
+        image, objs, color = counting(rng, shape, n)
         images.append(image)
         colors.append(color)
+        objects.append([o.to_dict() for o in objs])
     answer = "first" if counts[0] > counts[1] else "second"
     a, b = counts
     misread = near(rng, a, 1, 6)
@@ -344,7 +346,7 @@ def multi_image(rng: random.Random) -> Sample:
                    f"{max(a, b)} is more than {min(a, b)}, so the {answer} image has more."],
         slip=f"The first image has {misread} {plural(shape, misread)}.", recheck=RECOUNT,
         wrong="second" if answer == "first" else "first",
-        meta={"shape": shape, "counts": counts, "colors": colors})
+        meta={"shape": shape, "counts": counts, "colors": colors, "objects": objects})
 
 
 def video(rng: random.Random) -> Sample:

@@ -1,0 +1,105 @@
+"""What each visual token of a synthetic image shows: dense region labels for vision pretraining.
+
+The real Ovis2.5 starts from a SigLIP2 ViT that already sees shapes, colours and text. The demo's ViT starts
+from random weights, and learning to see *through* the softmax visual tokenizer from captions alone is slow
+and unstable at this size (README, "Demo results"). So before P1 the demo pretrains the visual tokenizer to
+name the region under each visual token, using the generator's own scene description: background, the body
+or the centre of a (colour, shape) object, a character, a bar, the axis. The head's existing softmax over
+the visual vocabulary is the classifier, so after this phase each visual word means something and P1 only
+has to learn its embedding. No question or answer is used.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..processing.image import smart_resize
+from .world import COLORS, SHAPES, Obj, Sample, draw_obj, font
+
+CHARACTERS = "0123456789abcdefghijklmnopqrstuvwxyzABCD"
+CLASSES = (["background"] + [f"{c} {s}" for c in COLORS for s in SHAPES]
+           + [f"{c} {s} centre" for c in COLORS for s in SHAPES]
+           + [f"character {ch}" for ch in CHARACTERS] + [f"{c} bar" for c in COLORS] + ["axis"])
+CLASS = {name: i for i, name in enumerate(CLASSES)}
+MIN_SHARE = 1 / 16  # a token is labelled with a class covering at least this share of its region
+# Characters are small: one outweighs the bar or axis it shares a token with.
+PRIORITY = np.array([4 if name.startswith("character") else 1 for name in CLASSES])
+
+
+def object_class(obj: dict, centre: bool = False) -> int:
+    return CLASS[f"{obj['color']} {obj['shape']}" + (" centre" if centre else "")]
+
+
+def as_obj(obj: dict) -> Obj:
+    return Obj(obj["shape"], obj["color"], tuple(obj["box"]))
+
+
+def scene_objects(sample: Sample) -> list[list[dict]]:
+    """The objects drawn in each image of a shape sample (empty lists for text and charts)."""
+    meta = sample.meta
+    if sample.task == "multi_image":
+        return meta["objects"]
+    if sample.task == "video":
+        still = meta["still"]
+        return [still + [{"shape": "circle", "color": meta["color"], "box": list(b)}] for b in meta["balls"]]
+    return [meta.get("objects", [])] * len(sample.images)
+
+
+def class_maps(sample: Sample) -> list[np.ndarray]:
+    """One (H, W) uint8 class map per image, drawn with the geometry the generator drew the pixels with."""
+    maps = []
+    for image, objects in zip(sample.images, scene_objects(sample)):
+        canvas = Image.new("L", image.size, 0)
+        draw = ImageDraw.Draw(canvas)
+        for obj in objects:
+            draw_obj(draw, as_obj(obj), fill=object_class(obj))
+        if sample.task == "ocr":
+            meta = sample.meta
+            face, text = font(meta["font_size"]), meta["text"]
+            left, top = face.getbbox(text)[:2]
+            x, y = meta["box"][0] - left, meta["box"][1] - top
+            for k, ch in enumerate(text):
+                box = draw.textbbox((x + face.getlength(text[:k]), y), ch, font=face)
+                draw.rectangle(box, fill=CLASS[f"character {ch}"])
+        elif sample.task == "chart":
+            meta = sample.meta
+            face, base = font(meta["font_size"]), meta["base"]
+            draw.rectangle((2, base - 1, image.size[0] - 3, base + 1), fill=CLASS["axis"])
+            for box, value, name in zip(meta["bars"], meta["values"], meta["labels"]):
+                draw.rectangle(box, fill=CLASS[f"{meta['color']} bar"])
+                cx = (box[0] + box[2] + 1) / 2
+                draw.rectangle(draw.textbbox((cx, box[1] - 2), str(value), font=face, anchor="mb"),
+                               fill=CLASS[f"character {value}"])
+                draw.rectangle(draw.textbbox((cx, base + 3), name, font=face, anchor="mt"),
+                               fill=CLASS[f"character {name}"])
+        maps.append(np.asarray(canvas))
+    return maps
+
+
+def token_labels(sample: Sample, min_pixels: int, max_pixels: int, patch_size: int = 16,
+                 hidden_stride: int = 2) -> torch.Tensor:
+    """One class per visual token of every image (long, in the visual tokenizer's atom order: image, then
+    token row-major), for the size the processor resizes the images to.
+
+    A token takes the class covering most of its region, characters first (at least MIN_SHARE of it, else
+    background); the
+    token holding an object's centre takes that object's centre class, so counting is counting centres."""
+    cell = patch_size * hidden_stride
+    out = []
+    for image, cmap, objects in zip(sample.images, class_maps(sample), scene_objects(sample)):
+        width, height = image.size
+        h, w = smart_resize(height, width, cell, min_pixels, max_pixels)
+        resized = np.asarray(Image.fromarray(cmap).resize((w, h), Image.Resampling.NEAREST))
+        blocks = resized.reshape(h // cell, cell, w // cell, cell).transpose(0, 2, 1, 3).reshape(-1, cell * cell)
+        counts = np.zeros((len(blocks), len(CLASSES)), dtype=np.int64)
+        np.add.at(counts, (np.repeat(np.arange(len(blocks)), cell * cell), blocks.reshape(-1)), 1)
+        counts[:, 0] = 0
+        labels = np.where(counts.max(1) >= MIN_SHARE * cell * cell, (counts * PRIORITY).argmax(1), 0)
+        for obj in objects:
+            x0, y0, x1, y1 = obj["box"]
+            row = min(int((y0 + y1 + 1) / 2 * h / height) // cell, h // cell - 1)
+            col = min(int((x0 + x1 + 1) / 2 * w / width) // cell, w // cell - 1)
+            labels[row * (w // cell) + col] = object_class(obj, centre=True)
+        out.append(torch.from_numpy(labels))
+    return torch.cat(out)

@@ -30,7 +30,7 @@ log = logging.getLogger("ovis25.synth.pretrain")
 
 @dataclass
 class VisionPretrainConfig:
-    steps: int = 1500
+    steps: int = 1200
     batch_images: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -103,6 +103,9 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
     generation_config = json.loads((Path(init) / "generation_config.json").read_text())
     train = labelled_images(processor, cfg, seed, "train", cfg.scenes_per_task)
     test = labelled_images(processor, cfg, seed, "test", cfg.test_scenes_per_task)
+    by_task: dict[str, list[Item]] = {}
+    for item in train:
+        by_task.setdefault(item.task, []).append(item)
     vt = model.visual_tokenizer
     for p in model.parameters():
         p.requires_grad_(False)
@@ -120,7 +123,9 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
             cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * scale
-        pixel_values, grids, labels = collate(rng.sample(train, min(cfg.batch_images, len(train))))
+        # tasks are drawn evenly, so the many frames of a video do not crowd out text and charts
+        tasks = rng.choices(list(by_task), k=cfg.batch_images)
+        pixel_values, grids, labels = collate([rng.choice(by_task[t]) for t in tasks])
         loss = F.cross_entropy(vt.head_logits(vt.vit(pixel_values, grids)), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()

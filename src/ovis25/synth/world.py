@@ -241,10 +241,10 @@ def ocr(rng: random.Random) -> Sample:
         pool = "0123456789"
     else:
         text, kind, pool = rng.choice(WORDS), "word", "abcdefghijklmnopqrstuvwxyz"
-    size = rng.randint(16, 48)
+    size = rng.randint(28, 56)  # a glyph spans about one visual token (32 px) or less
     left, top, right, bottom = font(size).getbbox(text)
     tw, th = right - left, bottom - top
-    w, h = max(64, tw + rng.randint(8, 120)), max(64, th + rng.randint(8, 80))
+    w, h = max(64, tw + rng.randint(8, 80)), max(64, th + rng.randint(8, 48))
     x, y = rng.randint(4, w - tw - 4), rng.randint(4, h - th - 4)
     image = Image.new("RGB", (w, h), WHITE)
     ImageDraw.Draw(image).text((x - left, y - top), text, font=font(size), fill=BLACK)

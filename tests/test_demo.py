@@ -28,4 +28,4 @@ def test_demo_pipeline_wiring(tmp_path):
         for task, s in tasks.items():
             assert 0 <= s["accuracy"] <= 1 and s["n"] > 0 and s["thinking"] == phase.endswith("+think"), (phase, task)
     report = (run / "report.md").read_text()
-    assert "Accuracy per task" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
+    assert "Accuracy per task" in report and "Vision pretraining (P0v)" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()

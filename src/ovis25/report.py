@@ -99,6 +99,11 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
              "accuracy is on the held-out test split (greedy decoding).", ""]
     lines += ["## Time per phase", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [""]
+    if (run / "p0v" / "token_accuracy.json").exists():
+        vision = json.loads((run / "p0v" / "token_accuracy.json").read_text())
+        lines += ["## Vision pretraining (P0v): held-out visual-token accuracy", "",
+                  "| task | all tokens | tokens showing something |", "|---|---|---|"]
+        lines += [f"| {task} | {a['tokens']:.2f} | {a['objects']:.2f} |" for task, a in vision.items()] + [""]
     lines += ["## Accuracy per task (held out)", "", format_table(results), ""]
     if (run / "preference.json").exists():
         pref = json.loads((run / "preference.json").read_text())

@@ -120,6 +120,7 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
     from .synth.pretrain import VisionPretrainConfig, pretrain_visual_tokenizer
     from .train import load_recipe, train
 
+    overrides = overrides or {}
     run = runs_dir / name
     run.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -141,13 +142,13 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
         t0 = time.perf_counter()
         final = run / phase / "final"
         if phase == "p0v" and not (final / "config.json").exists():
-            vision = {**VISION[preset], **({"steps": overrides["max_steps"]} if "max_steps" in (overrides or {}) else {})}
-            pretrain_visual_tokenizer(previous, run / phase, seed, VisionPretrainConfig(**vision),
-                                      progress=(overrides or {}).get("progress", True))
+            steps = {"steps": overrides["max_steps"]} if "max_steps" in overrides else {}
+            pretrain_visual_tokenizer(previous, run / phase, seed, VisionPretrainConfig(**VISION[preset], **steps),
+                                      progress=overrides.get("progress", True))
         elif not (final / "config.json").exists():
             keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{world / "datainfo.json"}"',
                     f"seed={seed}"] + [f"{k}={json.dumps(v)}" for k, v in
-                                       {**(overrides or {}), **(phase_overrides or {}).get(phase, {})}.items()]
+                                       {**overrides, **(phase_overrides or {}).get(phase, {})}.items()]
             train(load_recipe(RECIPES / f"{phase}.toml", keys))
         timings[phase] = time.perf_counter() - t0
         if phase not in ("p0", "p0v"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from ..model import Ovis
 from ..processing import Processor
+from ..train.trainer import lr_lambda
 from .build import task_rng
 from .regions import token_labels
 from .world import TASKS
@@ -118,9 +118,7 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.steps + 1), desc="p0v vision", unit="step", disable=not progress)
     for step in bar:
-        progress_ = (step - 1) / max(1, cfg.steps - 1)
-        scale = min(1.0, step / cfg.warmup_steps) * (
-            cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
+        scale = lr_lambda(step - 1, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * scale
         # tasks are drawn evenly, so the many frames of a video do not crowd out text and charts

@@ -31,10 +31,6 @@ def object_class(obj: dict, centre: bool = False) -> int:
     return CLASS[f"{obj['color']} {obj['shape']}" + (" centre" if centre else "")]
 
 
-def as_obj(obj: dict) -> Obj:
-    return Obj(obj["shape"], obj["color"], tuple(obj["box"]))
-
-
 def scene_objects(sample: Sample) -> list[list[dict]]:
     """The objects drawn in each image of a shape sample (empty lists for text and charts)."""
     meta = sample.meta
@@ -53,7 +49,7 @@ def class_maps(sample: Sample) -> list[np.ndarray]:
         canvas = Image.new("L", image.size, 0)
         draw = ImageDraw.Draw(canvas)
         for obj in objects:
-            draw_obj(draw, as_obj(obj), fill=object_class(obj))
+            draw_obj(draw, Obj.from_dict(obj), fill=object_class(obj))
         if sample.task == "ocr":
             meta = sample.meta
             face, text = font(meta["font_size"]), meta["text"]
@@ -83,8 +79,8 @@ def token_labels(sample: Sample, min_pixels: int, max_pixels: int, patch_size: i
     token row-major), for the size the processor resizes the images to.
 
     A token takes the class covering most of its region, characters first (at least MIN_SHARE of it, else
-    background); the
-    token holding an object's centre takes that object's centre class, so counting is counting centres."""
+    background); the token holding an object's centre takes that object's centre class, so counting is
+    counting centres."""
     cell = patch_size * hidden_stride
     out = []
     for image, cmap, objects in zip(sample.images, class_maps(sample), scene_objects(sample)):
@@ -97,9 +93,9 @@ def token_labels(sample: Sample, min_pixels: int, max_pixels: int, patch_size: i
         counts[:, 0] = 0
         labels = np.where(counts.max(1) >= MIN_SHARE * cell * cell, (counts * PRIORITY).argmax(1), 0)
         for obj in objects:
-            x0, y0, x1, y1 = obj["box"]
-            row = min(int((y0 + y1 + 1) / 2 * h / height) // cell, h // cell - 1)
-            col = min(int((x0 + x1 + 1) / 2 * w / width) // cell, w // cell - 1)
+            cx, cy = Obj.from_dict(obj).center
+            row = min(int(cy * h / height) // cell, h // cell - 1)
+            col = min(int(cx * w / width) // cell, w // cell - 1)
             labels[row * (w // cell) + col] = object_class(obj, centre=True)
         out.append(torch.from_numpy(labels))
     return torch.cat(out)

@@ -54,6 +54,10 @@ class Obj:
     def to_dict(self) -> dict:
         return {"shape": self.shape, "color": self.color, "box": list(self.box)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Obj":
+        return cls(d["shape"], d["color"], tuple(d["box"]))
+
 
 @dataclass
 class Sample:

@@ -1,7 +1,7 @@
 """GRPO rollout throughput and where a step's time goes (generation vs optimisation).
 
 The demo's tiny Ovis (recipe `recipes/tiny/p5.toml`, random weights) on the synthetic world's P5 prompts
-(one image each, verifiable answers): 16 prompts x 6 responses per step, up to 24 new tokens at temperature
+(one image each, verifiable answers): 16 prompts x 6 responses per step, up to 32 new tokens at temperature
 1, rollouts from the built-in batched engine; the first step (warm-up) is left out.
 """
 from __future__ import annotations

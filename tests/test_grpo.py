@@ -250,6 +250,35 @@ def test_grpo_raises_mean_reward_on_a_toy_task(tmp_path, peaked_model):
     assert len(lines) == 20 * 32 and {"prompt", "response", "reward", "advantage"} <= set(json.loads(lines[0]))
 
 
+def test_zero_advantage_responses_are_left_out_without_changing_the_update(tmp_path, peaked_model):
+    """kl = 0 leaves A = 0 responses out of the forwards; a tiny kl trains on all of them, and at the first
+    step (policy == reference, so k3 = 0) must give the same update."""
+    info = toy_task(tmp_path)
+    weights = {}
+    for name, kl in (("skip", "0.0"), ("all", "1e-3")):
+        train(load_recipe(None, grpo_recipe(peaked_model, tmp_path / name, info, "max_steps=1", "grpo_epochs=1", "grpo_prompts_per_step=8",
+                                            f"grpo_kl_coef={kl}", "seed=1")))  # seed 1: step 1 samples the target
+        row = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        weights[name] = load_file(str(tmp_path / name / "final" / "model.safetensors"))
+        if name == "skip":
+            assert 0 < row["trained_responses"] < row["responses"]  # some groups teach, some do not
+        else:
+            assert row["trained_responses"] == row["responses"]
+    start = load_file(str(peaked_model / "model.safetensors"))
+    assert any(not torch.equal(start[k], weights["skip"][k]) for k in start)
+    for k, v in weights["all"].items():
+        torch.testing.assert_close(weights["skip"][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_answers_longer_than_the_rollouts_are_reported(tmp_path, peaked_model, caplog):
+    info = toy_task(tmp_path, n=4)
+    with caplog.at_level("WARNING", logger="ovis25.train"):
+        train(load_recipe(None, grpo_recipe(peaked_model, tmp_path / "run", info, "max_steps=1",
+                                            "grpo_max_new_tokens=1")))
+    assert "4 of 4 prompts have reference answers longer than grpo_max_new_tokens = 1" in caplog.text
+    assert "raise grpo_max_new_tokens" in caplog.text
+
+
 def test_grpo_resume_gives_same_final_weights_and_counts_reward_errors(tmp_path, peaked_model):
     info = toy_task(tmp_path, reward=["test_first_word", "test_broken:0.5"])
     common = ["max_steps=3", "save_every=1", "keep_last=3", "grpo_group_size=4", "grpo_prompts_per_step=2"]

@@ -60,6 +60,21 @@ def test_other_seed_differs(world, tmp_path):
     assert sum(other.get(k) == v for k, v in same.items() if k.endswith(".png")) == 0
 
 
+def test_a_task_subset_holds_the_same_samples_as_the_full_world(world, tmp_path):
+    sub = tmp_path / "sub"
+    manifest = build_world(sub, seed=0, sizes="ci", tokenizer=False, tasks=["ocr", "count"])
+    assert manifest["tasks"] == ["ocr", "count"]
+    full, part = files(world), files(sub)
+    pngs = {k for k in part if k.endswith(".png")}
+    assert pngs and {k.split("/")[2] for k in pngs} == {"ocr", "count"}
+    assert all(part[k] == full[k] for k in pngs)
+    keep = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
+    assert (sub / "test.jsonl").read_text() == "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for t in ("ocr", "count") for r in keep if r["task"] == t)
+    with pytest.raises(ValueError, match="tasks: unknown or none \\['chess'\\]"):
+        build_world(tmp_path / "bad", sizes="ci", tasks=["count", "chess"])
+
+
 def test_manifest_and_datainfo(world):
     manifest = json.loads((world / "world.json").read_text())
     sizes = PRESETS["ci"]

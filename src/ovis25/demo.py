@@ -4,7 +4,9 @@
 
 Writes `runs/<name>/`: the world, an initial checkpoint, one checkpoint per phase (official format), and
 after every phase `eval.json` = {phase: {task: {"accuracy", "n", "thinking"[, "mean_iou"]}}} (phases with
-thinking-on evaluation appear again as `<phase>+think`), then `report.md` with plots and examples.
+thinking-on evaluation appear again as `<phase>+think`), `preference.json` (held-out DPO pairs after P3 and
+P4), `reward.json` (the held-out reward of sampled answers after P4 and P5: what GRPO maximises), then
+`report.md` with plots and examples.
 
 Phases (recipes in recipes/tiny/): P0 language pretraining of the from-scratch LLM on the world's text
 and P0v vision pretraining of the from-scratch visual tokenizer on region labels (a real run starts from
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .chat import Chat
-from .eval import evaluate, format_table, load_items, preference_accuracy
+from .eval import evaluate, format_table, load_items, preference_accuracy, sampled_reward
 from .report import write_report
 
 log = logging.getLogger("ovis25.demo")
@@ -32,7 +34,8 @@ RECIPES = REPO / "recipes" / "tiny"
 PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}
 TRAIN_PHASES = ("p0", "p0v", "p1", "p2", "p3", "p4", "p5")
 VISION = {"tiny": {}, "ci": {"scenes_per_task": 3, "test_scenes_per_task": 2, "batch_images": 8}}
-HELD_OUT_PAIRS = 40  # preference pairs kept out of DPO to measure preference accuracy
+HELD_OUT_PAIRS = 160  # preference pairs kept out of DPO to measure preference accuracy (20 per task)
+REWARD_SAMPLES = 4  # sampled answers per held-out question when measuring GRPO's reward
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
 
 
@@ -109,6 +112,11 @@ def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, lim
         (run / phase / f"answers{'-think' if think else ''}.jsonl").write_text(
             "\n".join(json.dumps(r) for r in rows) + "\n")
     (run / "eval.json").write_text(json.dumps(results, indent=2))
+    if phase in ("p4", "p5"):  # GRPO should raise the reward of what the policy samples, as in its rollouts
+        rewards = json.loads((run / "reward.json").read_text()) if (run / "reward.json").exists() else {}
+        rewards[phase] = sampled_reward(chat, items, REWARD_SAMPLES, temperature=1.0, max_new_tokens=32, seed=0,
+                                        **PIXELS)
+        (run / "reward.json").write_text(json.dumps(rewards, indent=2))
 
 
 def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides: dict | None = None,

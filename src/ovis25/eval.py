@@ -124,6 +124,26 @@ def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **
     return {"accuracy": wins / len(pairs), "n": len(pairs), "mean_margin": sum(margins) / len(margins)}
 
 
+def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: float = 1.0, max_new_tokens: int = 32,
+                   seed: int = 0, batch_size: int = 64, **pixels) -> dict[str, dict]:
+    """The mean reward of `samples` sampled answers per item, per task -> {task: {"reward", "n"}} (n: answers).
+    What GRPO maximises, on held-out prompts: the item's metric as a reward (`iou` continuous, not a hit)."""
+    import torch
+    repeated = [it for it in items for _ in range(samples)]
+    scores: dict[str, list[float]] = {}
+    with torch.random.fork_rng(devices=[]):  # the engine samples from the global generator: seed it, then restore
+        torch.manual_seed(seed)
+        for start in range(0, len(repeated), batch_size):
+            chunk = repeated[start:start + batch_size]
+            results = chat.generate_batch([it.conversations for it in chunk],
+                                          images=[it.images or None for it in chunk],
+                                          videos=[[it.video] if it.video else None for it in chunk], do_sample=True,
+                                          temperature=temperature, max_new_tokens=max_new_tokens, **pixels)
+            for it, res in zip(chunk, results):
+                scores.setdefault(it.task, []).append(REWARDS[it.metric]("", res.text, it.answer))
+    return {task: {"reward": sum(v) / len(v), "n": len(v)} for task, v in scores.items()}
+
+
 def format_table(results: dict[str, dict[str, dict]]) -> str:
     """results: {column label: {task: summary}} -> markdown table of accuracies (mean IoU in brackets)."""
     tasks = list(dict.fromkeys(t for col in results.values() for t in col))

@@ -118,6 +118,16 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
             k = max(1, len(rewards) // 3)
             lines += [f"GRPO mean rollout reward: first {k} steps {sum(rewards[:k]) / k:.3f}, "
                       f"last {k} steps {sum(rewards[-k:]) / k:.3f}", ""]
+    if (run / "reward.json").exists():
+        sampled = json.loads((run / "reward.json").read_text())
+        phases = list(sampled)
+        tasks = list(dict.fromkeys(t for v in sampled.values() for t in v))
+        lines += ["Held-out reward of sampled answers (temperature 1, as in GRPO's rollouts; grounding: mean IoU):",
+                  "", "| task | " + " | ".join(phases) + " | answers |", "|---|" + "---|" * (len(phases) + 1)]
+        lines += [f"| {t} | " + " | ".join(f"{sampled[p][t]['reward']:.3f}" if t in sampled[p] else "" for p in phases)
+                  + f" | {sampled[phases[-1]].get(t, {}).get('n', '')} |" for t in tasks]
+        means = [sum(v["reward"] for v in sampled[p].values()) / len(sampled[p]) for p in phases]
+        lines += ["| mean | " + " | ".join(f"{m:.3f}" for m in means) + " | |", ""]
     if plot_accuracy(results, run / "accuracy.png"):
         lines += ["![accuracy](accuracy.png)", ""]
     if plot_losses(run, run / "loss.png"):

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -97,18 +98,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", tokenizer: bool = True,
-                progress: bool = False) -> dict:
+                progress: bool = False, tasks: Sequence[str] | None = None) -> dict:
     """Generate every split, write it under `out_dir` (replacing a previous world there) and return the
     manifest that is also written to `out_dir/world.json`. `sizes` is a preset name or {split: samples per
-    task}; `tokenizer` also trains the world's BPE into `out_dir/tokenizer`."""
+    task}; `tokenizer` also trains the world's BPE into `out_dir/tokenizer`; `tasks` limits the world to
+    those tasks (each task draws from its own stream, so its samples are the same as in a full world)."""
     sizes = resolve_sizes(sizes)
+    tasks = list(TASKS) if tasks is None else list(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"tasks: unknown or none {unknown or tasks}; tasks are {list(TASKS)}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "world.json").exists():
         raise FileExistsError(f"{out}: not empty and not a synthetic world; refusing to replace it")
     tmp = out.with_name(f".{out.name}.tmp")  # built aside and renamed, so a crash leaves no half world
     shutil.rmtree(tmp, ignore_errors=True)
 
-    plan = [(split, task) for split in SPLITS for task in TASKS
+    plan = [(split, task) for split in SPLITS for task in tasks
             if sizes[split] and (split != "caption" or task in CAPTIONED)]
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
@@ -148,7 +154,7 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", 
         write_jsonl(tmp / f"{split}.jsonl", rows[split])
 
     manifest = {
-        "seed": seed, "sizes": sizes, "tasks": list(TASKS), "datainfo": "datainfo.json", "image_dir": IMAGE_DIR,
+        "seed": seed, "sizes": sizes, "tasks": tasks, "datainfo": "datainfo.json", "image_dir": IMAGE_DIR,
         "datasets": {name: {"meta_file": datainfo[name]["meta_file"], "data_format": fmt, "samples": len(rows[split])}
                      for name, (split, fmt) in DATASETS.items()},
         "files": {split: f"{split}.jsonl" for split in ("dpo", "grpo", "test")},

@@ -29,7 +29,9 @@ Distributed: rows without images still run the visual tokenizer on a blank image
 a gradient for every parameter and FSDP ranks run the same collectives whatever their data.
 
 Metrics per step (metrics.jsonl): loss, reward_mean, reward_std, reward_<name> (unweighted means),
-reward_errors, zero_advantage_groups (share of groups with A = 0), response_tokens, thinking_tokens,
+reward_errors, zero_advantage_groups (share of groups with A = 0), responses, trained_responses (those with
+A != 0, or all of them with a KL term: the others add nothing to the gradient and are left out of the
+forwards), response_tokens, thinking_tokens,
 kl, clip_fraction (share of tokens whose ratio is clipped), lr, grad_norm, rollout_s, step_s; the rank-0
 responses of each step go to rollouts.jsonl.
 
@@ -186,6 +188,17 @@ def prompt_planner(builder: SampleBuilder, default_rewards: list[tuple[str, floa
             raise DataError("unsupported", "the openai rollout backend sends images only, not videos")
         return PlannedPrompt(f"{spec.name}/{sample.get('id', index)}", planned, conv, answer.strip(), rewards)
     return plan
+
+
+def warn_long_answers(prompts: list[PlannedPrompt], tokenizer, max_new_tokens: int, rank: int) -> None:
+    """A reference answer that does not fit in max_new_tokens (with its <|im_end|>) means every rollout of
+    that prompt is cut off and scored wrong: no learning signal, silently. Say so once, with an example."""
+    long = [(n, p.key) for p in prompts if (n := len(tokenizer.encode(p.answer)) + 1) > max_new_tokens]
+    if long and rank == 0:
+        n, key = max(long)
+        log.warning("%d of %d prompts have reference answers longer than grpo_max_new_tokens = %d (the longest, "
+                    "%s, needs %d tokens with <|im_end|>): their rollouts are cut off and score as wrong; raise "
+                    "grpo_max_new_tokens", len(long), len(prompts), max_new_tokens, key, n)
 
 
 def prompt_order(n: int, cfg: TrainConfig) -> list[int]:
@@ -385,6 +398,7 @@ def train_grpo(cfg: TrainConfig) -> Path:
     planner = prompt_planner(builder, default_rewards, opts.grpo_thinking, opts.rollout_backend == "openai")
     prompts = plan_datasets(specs, builder, cfg.seed, plan=planner)
     reward_names = sorted({name for p in prompts for name, _ in p.rewards})
+    warn_long_answers(prompts, tokenizer, opts.grpo_max_new_tokens, rank)
     order = prompt_order(len(prompts), cfg)
     per_step, G = opts.grpo_prompts_per_step, opts.grpo_group_size
     total_steps = len(order) // per_step if cfg.max_steps is None else cfg.max_steps
@@ -453,7 +467,12 @@ def train_grpo(cfg: TrainConfig) -> Path:
         for name, n in errors.items():
             skip_counts[f"reward_error:{name}"] = skip_counts.get(f"reward_error:{name}", 0) + n
         samples = [response_sample(b, r) for b, group in zip(built, groups) for r in group]
-        rows = training_rows(samples, adv.flatten().tolist(), cfg.max_tokens, device, filler)
+        advantages = adv.flatten().tolist()
+        # without a KL term a response with A = 0 has zero loss and gradient: it joins no forward, but its
+        # tokens still count in the normaliser, so the update is the one over all responses
+        trained = [i for i, a in enumerate(advantages) if a != 0 or ref is not None]
+        rows = training_rows([samples[i] for i in trained], [advantages[i] for i in trained], cfg.max_tokens, device,
+                             filler)
         if rank == 0:
             with open(out / "rollouts.jsonl", "a") as f:
                 for p, group, rs, advs in zip(mine, groups, rewards.tolist(), adv.tolist()):
@@ -467,7 +486,7 @@ def train_grpo(cfg: TrainConfig) -> Path:
                 row["old"] = forward_packed(model, row, device).token_logps
                 if ref is not None:
                     row["ref"] = forward_packed(ref, row, device).token_logps
-        (global_tokens,) = all_reduce_sums([sum(len(row["old"]) for row in rows if row["weight"])], device)
+        (global_tokens,) = all_reduce_sums([sum(int((s.labels != IGNORE_ID).sum()) for s in samples)], device)
         if not global_tokens:
             log.warning("step %d: no response tokens to train on (every prompt was skipped): no update", step + 1)
 
@@ -494,7 +513,7 @@ def train_grpo(cfg: TrainConfig) -> Path:
         local = {"responses": len(samples), "reward_sum": float(flat.sum()), "reward_sq": float((flat ** 2).sum()),
                  "response_tokens": sum(len(r.token_ids) for group in groups for r in group),
                  "thinking_tokens": sum(r.thinking_tokens for group in groups for r in group),
-                 "groups": len(mine), "zero_groups": int((adv == 0).all(-1).sum()),
+                 "groups": len(mine), "zero_groups": int((adv == 0).all(-1).sum()), "trained": len(trained),
                  "reward_errors": sum(errors.values()), **parts}
         total = dict(zip(local, all_reduce_sums(list(local.values()), device)))
         n = max(total["responses"], 1)
@@ -507,6 +526,7 @@ def train_grpo(cfg: TrainConfig) -> Path:
                  "response_tokens": total["response_tokens"] / n, "thinking_tokens": total["thinking_tokens"] / n,
                  "clip_fraction": float(stats[1]), **({"kl": float(stats[2])} if ref is not None else {}),
                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "responses": int(total["responses"]),
+                 "trained_responses": int(total["trained"]),
                  "rollout_s": t_rollout, "step_s": time.perf_counter() - t0}
         if rank == 0:
             log_step(metrics_file, metrics, progress, dict(reward=f"{mean:.3f}", loss=f"{metrics['loss']:.4f}",

@@ -1,0 +1,143 @@
+"""Learning curves of the demo's tiny Ovis on one synthetic task at a time: can this size reach the targets?
+
+    python benchmarks/demo_curves.py [--run runs/demo] [--tasks count,attribute,ocr,chart,grounding]
+                                     [--questions 12000] [--eval-every 150] [--test 200]
+
+For each task: a world of that task alone (`--questions` fresh training questions, `--test` held-out ones),
+then the P2 recipe (recipes/tiny/p2.toml, one epoch) from the demo's P1 checkpoint (`RUN/p1/final`: the
+language, vision and VET pretraining already done), with a checkpoint every `--eval-every` steps. Each
+checkpoint answers the held-out questions greedily, scored as in `ovis25 eval` (grounding: IoU >= 0.5,
+mean IoU alongside). The learning rate follows one cosine schedule over the whole run, so an early point is
+a lower bound on what a run of that length would reach.
+
+In the demo's P2 each task gets 1/8 of the steps; here it gets all of them, so a curve shows whether a target
+is out of reach for the model size or only for the demo's 15-minute budget. Prints a table and writes
+benchmarks/results/demo_curves.json and demo_curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TARGETS = {"count": 0.9, "attribute": 0.9, "ocr": 0.9, "chart": 0.7, "grounding": 0.5}  # grounding: mean IoU
+PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}  # as the demo evaluates
+
+
+def checkpoint_model(init: Path, ckpt: Path):
+    """The model of a resumable training checkpoint (its weights on the init's architecture)."""
+    from ovis25.checkpoint import TIED_KEY
+    from ovis25.model import Ovis
+    model = Ovis.from_pretrained(init).eval()
+    state = load_file(str(ckpt / "model.safetensors"))
+    if TIED_KEY not in state and model.config.llm_config.tie_word_embeddings:
+        state[TIED_KEY] = state["llm.model.embed_tokens.weight"]
+    model.load_state_dict(state)
+    return model
+
+
+def score(model, processor, items) -> dict:
+    from ovis25.chat import Chat
+    from ovis25.eval import evaluate
+    summary, _ = evaluate(Chat(model, processor), items, False, max_new_tokens=32, progress=False, **PIXELS)
+    return next(iter(summary.values()))
+
+
+def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eval_every: int, seed: int) -> list:
+    from ovis25.eval import load_items
+    from ovis25.model import Ovis
+    from ovis25.processing import Processor
+    from ovis25.synth import build_world
+    from ovis25.train import load_recipe, train
+
+    world = work / task / "world"
+    build_world(world, seed=seed, sizes={"qa": questions, "test": test}, tokenizer=False, tasks=[task])
+    run = work / task / "run"
+    t0 = time.perf_counter()
+    train(load_recipe(ROOT / "recipes" / "tiny" / "p2.toml", [
+        f'init="{init}"', f'out_dir="{run}"', f'datainfo="{world / "datainfo.json"}"', f"seed={seed}", "epochs=1",
+        f"save_every={eval_every}", "keep_last=1000"]))
+    train_s = time.perf_counter() - t0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    total = max(m["step"] for m in metrics if "step" in m)
+    processor = Processor.from_pretrained(init)
+    items = load_items(world / "test.jsonl", world / "images")
+    models = [(0, lambda: Ovis.from_pretrained(init).eval())]
+    models += [(int(c.name.split("-")[1]), lambda c=c: checkpoint_model(init, c))
+               for c in sorted((run / "checkpoints").glob("step-*"))]
+    models.append((total, lambda: Ovis.from_pretrained(run / "final").eval()))
+    points = [{"step": step, **score(load(), processor, items)} for step, load in models]
+    for p in points:
+        p["questions_seen"] = round(p["step"] / total * questions)
+        p["train_s"] = round(p["step"] / total * train_s, 1)
+    return points
+
+
+def render(results: dict) -> str:
+    lines = []
+    for task, points in results["curves"].items():
+        metric = "mean IoU" if task == "grounding" else "accuracy"
+        lines += [f"\n{task} (target {metric} >= {TARGETS.get(task, '-')}):",
+                  "| step | questions seen | train s | accuracy | mean IoU |", "|---|---|---|---|---|"]
+        lines += [f"| {p['step']} | {p['questions_seen']} | {p['train_s']} | {p['accuracy']:.2f} | "
+                  + (f"{p['mean_iou']:.2f} |" if "mean_iou" in p else "- |") for p in points]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for task, points in results["curves"].items():
+        key = "mean_iou" if task == "grounding" else "accuracy"
+        line, = ax.plot([p["questions_seen"] for p in points], [p[key] for p in points], marker="o",
+                        label=f"{task} ({'mean IoU' if key == 'mean_iou' else 'accuracy'})")
+        if task in TARGETS:
+            ax.axhline(TARGETS[task], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("training questions seen (one task alone)")
+    ax.set_ylabel("held-out score")
+    ax.set_ylim(0, 1)
+    ax.set_title("Tiny Ovis, one task at a time (dotted: the issue's targets)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
+    ap.add_argument("--tasks", default=",".join(TARGETS))
+    ap.add_argument("--questions", type=int, default=12000)
+    ap.add_argument("--eval-every", type=int, default=150, help="training steps between checkpoints")
+    ap.add_argument("--test", type=int, default=200, help="held-out questions per task")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "curves")
+    args = ap.parse_args(argv)
+    init = args.run / "p1" / "final"
+    if not (init / "config.json").exists():
+        sys.exit(f"{init}: no P1 checkpoint; run `make demo` first (or pass --run)")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = {"init": str(init), "questions": args.questions, "test": args.test, "threads": torch.get_num_threads(),
+               "curves": {}}
+    for task in args.tasks.split(","):
+        results["curves"][task] = task_curve(task, init, args.work, args.questions, args.test, args.eval_every,
+                                             args.seed)
+        print(render({"curves": {task: results["curves"][task]}}), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "demo_curves.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / "demo_curves.png")
+    print(render(results))
+    print(f"\nwrote {RESULTS / 'demo_curves.json'} and {RESULTS / 'demo_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The evaluation harness on a generic JSONL benchmark: loading and its errors, scoring per task (exact and
+IoU), seeded sampled rewards, and the `ovis25 eval` command line."""
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import model_dir, requires_fixtures
+from ovis25.chat import Chat
+from ovis25.eval import evaluate, load_items, main, sampled_reward
+
+pytestmark = [requires_fixtures, pytest.mark.usefixtures("single_thread")]
+PIXELS = {"min_pixels": 32 * 32, "max_pixels": 64 * 64}
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return Chat.from_pretrained(model_dir())
+
+
+def write_bench(root, rows):
+    (root / "img").mkdir(exist_ok=True)
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (48, 40), colour).save(root / "img" / f"{i}.png")
+    path = root / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def greedy(chat, items):
+    return [r.text for r in chat.generate_batch([it.conversations for it in items], images=[it.images for it in items],
+                                                max_new_tokens=6, **PIXELS)]
+
+
+def test_accuracy_per_task_counts_exact_hits_and_iou(tmp_path, chat):
+    rows = [{"id": "q0", "task": "read", "image": "img/0.png", "question": "What colour?", "answer": "?"},
+            {"id": "q1", "task": "read", "image": "img/1.png", "question": "What colour?", "answer": "?"},
+            {"id": "q2", "task": "read", "image": ["img/0.png", "img/2.png"], "question": "Same?", "answer": "?"},
+            {"id": "g0", "task": "find", "image": "img/2.png", "question": "Where is it?", "metric": "iou",
+             "answer": "<box>(0.1,0.1),(0.5,0.5)</box>"}]
+    items = load_items(write_bench(tmp_path, rows))
+    assert [len(it.images) for it in items] == [1, 1, 2, 1] and items[0].images[0] == tmp_path / "img" / "0.png"
+    assert items[0].conversations == [{"from": "human", "value": "<image>\nWhat colour?"}]
+    answers = greedy(chat, items[:3])
+    rows[0]["answer"], rows[2]["answer"] = answers[0], answers[2] + " "  # hits (normalised), q1 stays a miss
+    rows[1]["answer"] = answers[1] + " and more"
+    summary, scored = evaluate(chat, load_items(write_bench(tmp_path, rows)), False, max_new_tokens=6,
+                               progress=False, **PIXELS)
+    assert summary["read"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "thinking": False}
+    assert summary["find"]["n"] == 1 and summary["find"]["accuracy"] == (scored[3]["score"] >= 0.5)
+    assert summary["find"]["mean_iou"] == scored[3]["score"]
+    assert [r["id"] for r in scored] == ["q0", "q1", "q2", "g0"] and [r["response"] for r in scored[:3]] == answers
+
+
+def test_bad_benchmark_lines_name_the_line_and_field(tmp_path):
+    good = {"id": "a", "image": "img/0.png", "question": "Q?", "answer": "x"}
+    cases = [({"id": "b", "question": "Q?"}, "line 2: missing field(s) answer"),
+             ({"id": "b", "answer": "x"}, "line 2: missing field(s) question"),
+             ({**good, "metric": "bleu"}, "line 2: unknown metric 'bleu'")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_items(write_bench(tmp_path, [good, bad]))
+    (tmp_path / "bench.jsonl").write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match="line 2: invalid JSON"):
+        load_items(tmp_path / "bench.jsonl")
+
+
+def test_limit_per_task_keeps_the_first_items_of_each_task(tmp_path):
+    rows = [{"id": f"{t}{i}", "task": t, "question": "Q?", "answer": "x"} for t in "ab" for i in range(3)]
+    items = load_items(write_bench(tmp_path, rows), limit_per_task=2)
+    assert [it.id for it in items] == ["a0", "a1", "b0", "b1"]
+
+
+def test_sampled_reward_is_seeded_and_leaves_the_global_rng_alone(tmp_path, chat):
+    rows = [{"id": f"q{i}", "task": "read", "image": f"img/{i}.png", "question": "What colour?", "answer": "?"}
+            for i in range(3)]
+    items = load_items(write_bench(tmp_path, rows))
+    answers = greedy(chat, items)
+    for row, answer in zip(rows, answers):
+        row["answer"] = answer
+    items = load_items(write_bench(tmp_path, rows))
+    state = torch.get_rng_state()
+    first = sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, **PIXELS)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first == sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, **PIXELS)
+    assert first["read"]["n"] == 12
+    # near-zero temperature samples the greedy answer: every sample scores
+    cold = sampled_reward(chat, items, samples=2, temperature=1e-4, max_new_tokens=6, **PIXELS)
+    assert cold["read"] == {"reward": 1.0, "n": 6}
+
+
+def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
+    bench = write_bench(tmp_path, [{"id": "a", "task": "t", "image": "img/0.png", "question": "Q?", "answer": "x"}])
+    out = tmp_path / "out.json"
+    main([str(model_dir()), "--data", str(bench), "--thinking", "off", "--max-new-tokens", "4", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["thinking off"]["t"]["n"] == 1 and "| t |" in capsys.readouterr().out
+    bench.write_text('{"id": "a"}\n')
+    with pytest.raises(SystemExit, match="line 1: missing field"):
+        main([str(model_dir()), "--data", str(bench)])

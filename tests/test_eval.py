@@ -85,10 +85,11 @@ def test_sampled_reward_is_seeded_and_leaves_the_global_rng_alone(tmp_path, chat
     first = sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, **PIXELS)
     assert torch.equal(torch.get_rng_state(), state)
     assert first == sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, **PIXELS)
-    assert first["read"]["n"] == 12
+    assert first["read"]["n"] == 12 and len(first["read"]["item_rewards"]) == 3
+    assert sum(first["read"]["item_rewards"]) / 3 == pytest.approx(first["read"]["reward"])
     # near-zero temperature samples the greedy answer: every sample scores
     cold = sampled_reward(chat, items, samples=2, temperature=1e-4, max_new_tokens=6, **PIXELS)
-    assert cold["read"] == {"reward": 1.0, "n": 6}
+    assert cold["read"] == {"reward": 1.0, "n": 6, "item_rewards": [1.0, 1.0, 1.0]}
 
 
 def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):

@@ -34,7 +34,8 @@ RECIPES = REPO / "recipes" / "tiny"
 PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}
 TRAIN_PHASES = ("p0", "p0v", "p1", "p2", "p3", "p4", "p5")
 VISION = {"tiny": {}, "ci": {"scenes_per_task": 3, "test_scenes_per_task": 2, "batch_images": 8}}
-HELD_OUT_PAIRS = 160  # preference pairs kept out of DPO to measure preference accuracy (20 per task)
+HELD_OUT_PAIRS = 400  # pairs kept out of DPO to measure preference accuracy (every task in turn; <= 1/4 of all)
+GREEDY_ITEMS = 50  # test items per task for the greedy accuracy tables (the sampled reward uses all of them)
 REWARD_SAMPLES = 4  # sampled answers per held-out question when measuring GRPO's reward
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
 
@@ -114,13 +115,14 @@ def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, lim
     (run / "eval.json").write_text(json.dumps(results, indent=2))
     if phase in ("p4", "p5"):  # GRPO should raise the reward of what the policy samples, as in its rollouts
         rewards = json.loads((run / "reward.json").read_text()) if (run / "reward.json").exists() else {}
-        rewards[phase] = sampled_reward(chat, items, REWARD_SAMPLES, temperature=1.0, max_new_tokens=32, seed=0,
-                                        **PIXELS)
+        every_item = load_items(world / "test.jsonl", world / "images")  # a small gain needs many items to show
+        rewards[phase] = sampled_reward(chat, every_item, REWARD_SAMPLES, temperature=1.0, max_new_tokens=32,
+                                        seed=0, **PIXELS)
         (run / "reward.json").write_text(json.dumps(rewards, indent=2))
 
 
 def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides: dict | None = None,
-             eval_limit: int | None = None, runs_dir: Path = Path("runs"),
+             eval_limit: int | None = GREEDY_ITEMS, runs_dir: Path = Path("runs"),
              phase_overrides: dict[str, dict] | None = None) -> Path:
     """Run (or resume: finished phases are kept) the curriculum; `overrides` apply to every phase's recipe,
     `phase_overrides[phase]` to one phase only."""
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="demo")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "ci"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-limit", type=int, default=None, help="at most this many test items per task")
+    ap.add_argument("--eval-limit", type=int, default=GREEDY_ITEMS,
+                    help="greedy accuracy on at most this many test items per task (the sampled reward uses all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))

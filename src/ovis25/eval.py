@@ -100,13 +100,14 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
 
 
 def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **pixels) -> dict:
-    """Share of preference pairs whose chosen response has the higher log-probability under the model.
+    """Share of preference pairs whose chosen response has the higher log-probability under the model
+    -> {"accuracy", "n", "mean_margin", "wins" (1/0 per pair, in order, for `paired_gain`)}.
 
     pairs: {"conversations" (the prompt), "image" | "video_frames", "chosen", "rejected"}."""
     import torch
 
     from .train.packing import shifted_targets
-    wins, margins = 0, []
+    wins, margins = [], []
     model.eval()
     for pair in pairs:
         images = pair.get("image") or []
@@ -119,15 +120,17 @@ def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **
             with torch.no_grad():
                 out = model(ids[None], pv, grid, targets=shifted_targets(labels)[None])
             logps.append(-float(out.loss))
-        wins += logps[0] > logps[1]
+        wins.append(int(logps[0] > logps[1]))
         margins.append(logps[0] - logps[1])
-    return {"accuracy": wins / len(pairs), "n": len(pairs), "mean_margin": sum(margins) / len(margins)}
+    return {"accuracy": sum(wins) / len(pairs), "n": len(pairs), "mean_margin": sum(margins) / len(margins),
+            "wins": wins}
 
 
 def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: float = 1.0, max_new_tokens: int = 32,
                    seed: int = 0, batch_size: int = 64, **pixels) -> dict[str, dict]:
-    """The mean reward of `samples` sampled answers per item, per task -> {task: {"reward", "n"}} (n: answers).
-    What GRPO maximises, on held-out prompts: the item's metric as a reward (`iou` continuous, not a hit)."""
+    """The mean reward of `samples` sampled answers per item, per task -> {task: {"reward", "n", "item_rewards"}}
+    (n: answers; item_rewards: each item's mean, in item order, for `paired_gain`). What GRPO maximises, on
+    held-out prompts: the item's metric as a reward (`iou` continuous, not a hit)."""
     import torch
     repeated = [it for it in items for _ in range(samples)]
     scores: dict[str, list[float]] = {}
@@ -141,7 +144,20 @@ def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: f
                                           temperature=temperature, max_new_tokens=max_new_tokens, **pixels)
             for it, res in zip(chunk, results):
                 scores.setdefault(it.task, []).append(REWARDS[it.metric]("", res.text, it.answer))
-    return {task: {"reward": sum(v) / len(v), "n": len(v)} for task, v in scores.items()}
+    return {task: {"reward": sum(v) / len(v), "n": len(v),
+                   "item_rewards": [sum(v[i:i + samples]) / samples for i in range(0, len(v), samples)]}
+            for task, v in scores.items()}
+
+
+def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
+    """Mean per-item gain of `after` over `before` (the same items, in the same order) and the half-width of
+    its 95% interval (normal approximation over items): a gain is measured when it exceeds the half-width."""
+    if len(before) != len(after) or len(before) < 2:
+        raise ValueError(f"paired_gain: need two equal lists of >= 2 items, got {len(before)} and {len(after)}")
+    diffs = [b - a for a, b in zip(before, after)]
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, 1.96 * (var / len(diffs)) ** 0.5
 
 
 def format_table(results: dict[str, dict[str, dict]]) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .eval import format_table
+from .eval import format_table, paired_gain
 from .grounding import draw_grounding, parse_boxes
 
 
@@ -93,6 +93,15 @@ def example_images(run: Path, answers_file: Path, out_dir: Path, per_task: int =
     return examples
 
 
+def gain_cell(before: list[float], after: list[float]) -> str:
+    """'+0.014 ± 0.012 (a gain)': the paired change and its 95% interval, and whether it is outside noise."""
+    if len(before) != len(after) or len(before) < 2:
+        return ""
+    gain, half = paired_gain(before, after)
+    verdict = "within noise" if abs(gain) <= half else ("a gain" if gain > 0 else "a loss")
+    return f"{gain:+.3f} ± {half:.3f} ({verdict})"
+
+
 def write_report(run: Path, results: dict, timings: dict) -> Path:
     lines = [f"# ovis25 demo run `{run.name}`", "",
              "A tiny Ovis2.5 trained from scratch on CPU through the curriculum on the synthetic world; "
@@ -107,9 +116,12 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
     lines += ["## Accuracy per task (held out)", "", format_table(results), ""]
     if (run / "preference.json").exists():
         pref = json.loads((run / "preference.json").read_text())
-        lines += ["Preference accuracy (held-out DPO pairs: chosen more likely than rejected):", "",
-                  "| after | accuracy | mean log-prob margin | pairs |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['accuracy']:.2f} | {v['mean_margin']:.2f} | {v['n']} |" for k, v in pref.items()]
+        lines += ["Preference accuracy (held-out DPO pairs: chosen more likely than rejected; the change with "
+                  "its 95% interval over pairs):", "",
+                  "| after | accuracy | change | mean log-prob margin | pairs |", "|---|---|---|---|---|"]
+        first = next(iter(pref.values()))
+        lines += [f"| {k} | {v['accuracy']:.3f} | {gain_cell(first['wins'], v['wins']) if v is not first else ''} | "
+                  f"{v['mean_margin']:.2f} | {v['n']} |" for k, v in pref.items()]
         lines += [""]
     if (run / "p5" / "metrics.jsonl").exists():
         rows = [json.loads(line) for line in (run / "p5" / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -122,12 +134,18 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
         sampled = json.loads((run / "reward.json").read_text())
         phases = list(sampled)
         tasks = list(dict.fromkeys(t for v in sampled.values() for t in v))
-        lines += ["Held-out reward of sampled answers (temperature 1, as in GRPO's rollouts; grounding: mean IoU):",
-                  "", "| task | " + " | ".join(phases) + " | answers |", "|---|" + "---|" * (len(phases) + 1)]
-        lines += [f"| {t} | " + " | ".join(f"{sampled[p][t]['reward']:.3f}" if t in sampled[p] else "" for p in phases)
-                  + f" | {sampled[phases[-1]].get(t, {}).get('n', '')} |" for t in tasks]
+        first, last = sampled[phases[0]], sampled[phases[-1]]
+        lines += ["Held-out reward of sampled answers (temperature 1, as in GRPO's rollouts; grounding: mean IoU), "
+                  f"and the change {phases[0]} -> {phases[-1]} with its 95% interval over questions:", "",
+                  "| task | " + " | ".join(phases) + " | change | answers |", "|---|" + "---|" * (len(phases) + 2)]
+        for t in tasks:
+            change = gain_cell(first[t]["item_rewards"], last[t]["item_rewards"]) if t in first and t in last else ""
+            lines += [f"| {t} | " + " | ".join(f"{sampled[p][t]['reward']:.3f}" if t in sampled[p] else ""
+                                                for p in phases) + f" | {change} | {last.get(t, {}).get('n', '')} |"]
         means = [sum(v["reward"] for v in sampled[p].values()) / len(sampled[p]) for p in phases]
-        lines += ["| mean | " + " | ".join(f"{m:.3f}" for m in means) + " | |", ""]
+        both = [t for t in tasks if t in first and t in last]
+        pooled = [[x for t in both for x in part[t]["item_rewards"]] for part in (first, last)]
+        lines += ["| mean | " + " | ".join(f"{m:.3f}" for m in means) + f" | {gain_cell(*pooled)} | |", ""]
     if plot_accuracy(results, run / "accuracy.png"):
         lines += ["![accuracy](accuracy.png)", ""]
     if plot_losses(run, run / "loss.png"):

@@ -34,7 +34,7 @@ SPLITS = ("caption", "qa", "think", "dpo", "grpo", "test")
 CAPTIONED = ("count", "attribute", "spatial", "ocr", "chart", "grounding")  # single-image tasks
 PRESETS = {  # samples per task and split
     "ci": {"caption": 3, "qa": 4, "think": 3, "dpo": 2, "grpo": 2, "test": 3},
-    "tiny": {"caption": 400, "qa": 3000, "think": 120, "dpo": 120, "grpo": 120, "test": 50},
+    "tiny": {"caption": 400, "qa": 3000, "think": 120, "dpo": 150, "grpo": 300, "test": 200},
 }
 IMAGE_DIR = "images"
 CAPTION_TEMPLATE = "<image>\nDescribe the image."

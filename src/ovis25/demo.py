@@ -1,12 +1,13 @@
 """`make demo`: train a tiny Ovis from scratch through the whole curriculum on the synthetic world.
 
-    python -m ovis25.demo [--name demo] [--preset tiny|ci] [--seed 0] [--quick]
+    python -m ovis25.demo [--name demo] [--preset tiny|ci] [--seed 0] [--eval-limit 50]
 
 Writes `runs/<name>/`: the world, an initial checkpoint, one checkpoint per phase (official format), and
 after every phase `eval.json` = {phase: {task: {"accuracy", "n", "thinking"[, "mean_iou"]}}} (phases with
 thinking-on evaluation appear again as `<phase>+think`), `preference.json` (held-out DPO pairs after P3 and
-P4), `reward.json` (the held-out reward of sampled answers after P4 and P5: what GRPO maximises), then
-`report.md` with plots and examples.
+P4, with each pair's win), `reward.json` (the held-out reward of sampled answers after P4 and P5, with each
+question's: what GRPO maximises), then `report.md` with plots, examples, and the P3 -> P4 and P4 -> P5
+changes with their 95% intervals over the same held-out items.
 
 Phases (recipes in recipes/tiny/): P0 language pretraining of the from-scratch LLM on the world's text
 and P0v vision pretraining of the from-scratch visual tokenizer on region labels (a real run starts from

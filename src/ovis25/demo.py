@@ -116,7 +116,8 @@ def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, lim
     (run / "eval.json").write_text(json.dumps(results, indent=2))
     if phase in ("p4", "p5"):  # GRPO should raise the reward of what the policy samples, as in its rollouts
         rewards = json.loads((run / "reward.json").read_text()) if (run / "reward.json").exists() else {}
-        every_item = load_items(world / "test.jsonl", world / "images")  # a small gain needs many items to show
+        # a small gain needs many items to show: every test item, not only the greedy tables' share
+        every_item = items if limit is None else load_items(world / "test.jsonl", world / "images")
         rewards[phase] = sampled_reward(chat, every_item, REWARD_SAMPLES, temperature=1.0, max_new_tokens=32,
                                         seed=0, **PIXELS)
         (run / "reward.json").write_text(json.dumps(rewards, indent=2))

@@ -95,9 +95,10 @@ def example_images(run: Path, answers_file: Path, out_dir: Path, per_task: int =
 
 def gain_cell(before: list[float], after: list[float]) -> str:
     """'+0.014 ± 0.012 (a gain)': the paired change and its 95% interval, and whether it is outside noise."""
-    if len(before) != len(after) or len(before) < 2:
+    try:
+        gain, half = paired_gain(before, after)
+    except ValueError:  # unequal or too few items: no interval to give
         return ""
-    gain, half = paired_gain(before, after)
     verdict = "within noise" if abs(gain) <= half else ("a gain" if gain > 0 else "a loss")
     return f"{gain:+.3f} ± {half:.3f} ({verdict})"
 

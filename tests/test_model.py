@@ -252,6 +252,26 @@ def test_packed_sequences_equal_separate_forwards(name):
 
 @requires_fixtures
 @pytest.mark.parametrize("name", MODEL_NAMES)
+def test_packed_forward_under_bfloat16_autocast(name):
+    """Training under autocast: equal-length segments share one attention call (the grouped path), whose
+    bfloat16 output must land in the packed result; logits stay within bfloat16 error of float32."""
+    model = load(name)
+    seq = pick(name)[-1]
+    seqs = [seq, seq]  # two segments of the same length
+    n = seq[0].shape[0]
+    cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
+    ids = torch.cat([seq[0], seq[0]])[None]
+    positions = torch.cat([torch.arange(n)] * 2)[None]
+    with torch.no_grad():
+        l32 = model(ids, *cat_vision(seqs), position_ids=positions, cu_seqlens=cu).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            l16 = model(ids, *cat_vision(seqs), position_ids=positions, cu_seqlens=cu).logits.float()
+    rel = ((l32 - l16).abs().max() / l32.abs().max()).item()
+    assert rel <= BF16_LOGITS_REL, f"autocast logits deviate by {rel:.3g} of their scale"
+
+
+@requires_fixtures
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_kv_cache_matches_full_forward(name):
     """Chunked prefill of two prompts into two slots, then batched one-token decode steps."""
     model = load(name)

@@ -70,7 +70,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             outs.append(o.transpose(0, 1))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
     # grouped: segments of equal length are stacked into one batch and share one kernel call
-    out = torch.empty_like(q)
+    out = None  # allocated with the kernel's dtype (bfloat16 under autocast, whatever q's)
     starts = torch.as_tensor(cu_seqlens[:-1].tolist(), device=q.device)
     by_len: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
@@ -81,5 +81,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         idx = (starts[segs][:, None] + torch.arange(n, device=q.device)).reshape(-1)  # (len(segs)*n,)
         qs, ks, vs = (t[idx].view(len(segs), n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa)
+        if out is None:
+            out = o.new_empty(q.shape)
         out[idx] = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
-    return out
+    return torch.empty_like(q) if out is None else out  # None: every segment was empty

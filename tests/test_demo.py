@@ -1,14 +1,24 @@
 """The fast CI variant of `make demo`: every phase of the tiny curriculum runs on the `ci` world."""
 import json
 
+import pytest
+
 from ovis25 import Ovis, Processor
 from ovis25.demo import TRAIN_PHASES, run_demo
 
 
 def test_demo_pipeline_wiring(tmp_path):
-    run = run_demo("ci", "ci", overrides={"max_steps": 6, "max_tokens": 256, "epochs": 4, "progress": False}, eval_limit=2,
-                   runs_dir=tmp_path, phase_overrides={"p5": {"grpo_prompts_per_step": 4, "grpo_group_size": 2,
-                                                              "grpo_max_new_tokens": 8}})
+    args = dict(overrides={"max_steps": 6, "max_tokens": 256, "epochs": 4, "progress": False}, eval_limit=2,
+                runs_dir=tmp_path, phase_overrides={"p5": {"grpo_prompts_per_step": 4, "grpo_group_size": 2,
+                                                           "grpo_max_new_tokens": 8}})
+    run = run_demo("ci", "ci", **args)
+    timings = json.loads((run / "timings.json").read_text())
+    assert list(timings) == ["world", *TRAIN_PHASES, "evaluation", "total"]
+    assert timings["total"] == pytest.approx(sum(v for k, v in timings.items() if k != "total"))
+    run_demo("ci", "ci", **args)  # a resumed run redoes only the evaluation and keeps the other times
+    again = json.loads((run / "timings.json").read_text())
+    assert {k: again[k] for k in ["world", *TRAIN_PHASES]} == {k: timings[k] for k in ["world", *TRAIN_PHASES]}
+    assert f"| p2 | {timings['p2']:.0f} |" in (run / "report.md").read_text()
     for phase in TRAIN_PHASES:
         final = run / phase / "final"
         assert (final / "config.json").exists() and (final / "model.safetensors").exists(), phase
@@ -22,8 +32,8 @@ def test_demo_pipeline_wiring(tmp_path):
     results = json.loads((run / "eval.json").read_text())
     assert {"p1", "p2", "p3", "p3+think", "p4", "p5", "p5+think"} <= set(results)
     preference = json.loads((run / "preference.json").read_text())
-    assert set(preference) == {"p3", "p4"} and all(0 <= v["accuracy"] <= 1 and len(v["wins"]) == v["n"]
-                                                   for v in preference.values())
+    assert set(preference) == {"p3", "p4"} and all(0 <= v["accuracy"] <= 1 and len(v["wins"]) == len(v["thinking"])
+                                                   == v["n"] for v in preference.values())
     rewards = json.loads((run / "reward.json").read_text())
     assert set(rewards) == {"p4", "p5"} and set(rewards["p5"]) == set(results["p5"])
     # the greedy tables use eval_limit items per task, the sampled reward every test item

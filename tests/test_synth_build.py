@@ -135,8 +135,13 @@ def test_split_specific_fields(world):
         assert re.fullmatch(r"<think>\n(.+\n)+</think>\n\n[^\n]+", value), value
         corrected += "Wait, let me" in value
     assert 0 < corrected < len(rows["synth_think"])
+    thinking_pairs = 0
     for row in rows["dpo"]:
         assert len(row["conversations"]) == 1 and row["chosen"] and row["rejected"] != row["chosen"]
+        modes = {"<think>" in row["chosen"], "<think>" in row["rejected"]}
+        assert len(modes) == 1, "both sides of a pair are in the same mode"
+        thinking_pairs += modes == {True}
+    assert 0 < thinking_pairs < len(rows["dpo"])
     for row in rows["grpo"]:
         assert row["reward"] in ("exact", "number", "iou") and row["answer"]
         assert (row["reward"] == "iou") == (row["task"] == "grounding")

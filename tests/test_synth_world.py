@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from ovis25.grounding import Box, parse_boxes
-from ovis25.synth.world import COLORS, TASKS, font, thinking
+from ovis25.synth.world import COLORS, TASKS, font, misled_thinking, thinking
 
 N = 40  # samples per task
 
@@ -175,6 +175,9 @@ def test_thinking_trace(task):
         assert text.count("</think>") == 1
     assert s.slip in fixed and s.recheck in fixed and s.slip not in plain
     assert fixed.index(s.slip) < fixed.index(s.recheck)
+    misled = misled_thinking(s)  # believes the slip: ends right after it, with the wrong answer
+    assert misled.startswith("<think>\n") and misled.endswith(f"\n{s.slip}\n</think>\n\n{s.wrong}")
+    assert s.wrong != s.answer and s.recheck not in misled
 
 
 def test_same_stream_same_samples():

@@ -5,9 +5,10 @@
 Writes `runs/<name>/`: the world, an initial checkpoint, one checkpoint per phase (official format), and
 after every phase `eval.json` = {phase: {task: {"accuracy", "n", "thinking"[, "mean_iou"]}}} (phases with
 thinking-on evaluation appear again as `<phase>+think`), `preference.json` (held-out DPO pairs after P3 and
-P4, with each pair's win), `reward.json` (the held-out reward of sampled answers after P4 and P5, with each
-question's: what GRPO maximises), then `report.md` with plots, examples, and the P3 -> P4 and P4 -> P5
-changes with their 95% intervals over the same held-out items.
+P4, with each pair's win and mode), `reward.json` (the held-out reward of sampled answers after P4 and P5,
+with each question's: what GRPO maximises), `timings.json` (seconds for the world, each phase and all
+evaluation), then `report.md` with plots, examples, and the P3 -> P4 and P4 -> P5 changes with their 95%
+intervals over the same held-out items.
 
 Phases (recipes in recipes/tiny/): P0 language pretraining of the from-scratch LLM on the world's text
 and P0v vision pretraining of the from-scratch visual tokenizer on region labels (a real run starts from
@@ -135,11 +136,15 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
     overrides = overrides or {}
     run = runs_dir / name
     run.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    # seconds per step of the run; a resumed run keeps the times of what it does not redo
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    timings["evaluation"] = 0.0
+    t0 = time.perf_counter()
     world = run / "world"
     if not (world / "world.json").exists():
         log.info("building the synthetic world (%s preset) in %s", preset, world)
         build_world(world, seed=seed, sizes=preset, progress=True)
+        timings["world"] = time.perf_counter() - t0
     text_only_dataset(world, seed)
     held_pairs = preference_datasets(world)
     init = run / "init"
@@ -148,21 +153,23 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
 
     results = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     preference = json.loads((run / "preference.json").read_text()) if (run / "preference.json").exists() else {}
-    timings = {}
     previous = init
     for phase in TRAIN_PHASES:
         t0 = time.perf_counter()
         final = run / phase / "final"
-        if phase == "p0v" and not (final / "config.json").exists():
+        trained = not (final / "config.json").exists()
+        if phase == "p0v" and trained:
             steps = {"steps": overrides["max_steps"]} if "max_steps" in overrides else {}
             pretrain_visual_tokenizer(previous, run / phase, seed, VisionPretrainConfig(**VISION[preset], **steps),
                                       progress=overrides.get("progress", True))
-        elif not (final / "config.json").exists():
+        elif trained:
             keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{world / "datainfo.json"}"',
                     f"seed={seed}"] + [f"{k}={json.dumps(v)}" for k, v in
                                        {**overrides, **(phase_overrides or {}).get(phase, {})}.items()]
             train(load_recipe(RECIPES / f"{phase}.toml", keys))
-        timings[phase] = time.perf_counter() - t0
+        if trained:
+            timings[phase] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if phase not in ("p0", "p0v"):
             evaluate_phase(final, world, phase, phase >= THINKING_FROM, eval_limit, results, run)
         if phase in ("p3", "p4"):  # DPO should raise it
@@ -174,15 +181,25 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
             print(f"preference accuracy on {len(held_pairs)} held-out pairs after {phase}: "
                   f"{preference[phase]['accuracy']:.2f}")
             print(f"\n== after {phase}\n" + format_table({k: v for k, v in results.items() if k.startswith(phase)}))
+        timings["evaluation"] += time.perf_counter() - t0
+        write_timings(run, timings)
         previous = final
     link = run / "final"  # the last phase's checkpoint, for `ovis25 chat runs/<name>/final`
     if link.is_symlink():
         link.unlink()
     if not link.exists():
         link.symlink_to(previous.resolve(), target_is_directory=True)
-    timings["total"] = time.perf_counter() - t_start
-    write_report(run, results, timings)
+    write_report(run, results, write_timings(run, timings))
     return run
+
+
+def write_timings(run: Path, timings: dict) -> dict:
+    """`timings.json` in a fixed order, with "total" the sum of the parts -> that dict."""
+    order = ["world", *TRAIN_PHASES, "evaluation"]
+    ordered = {k: timings[k] for k in order if k in timings}
+    ordered["total"] = sum(ordered.values())
+    (run / "timings.json").write_text(json.dumps(ordered, indent=2))
+    return ordered
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,7 +101,8 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
 
 def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **pixels) -> dict:
     """Share of preference pairs whose chosen response has the higher log-probability under the model
-    -> {"accuracy", "n", "mean_margin", "wins" (1/0 per pair, in order, for `paired_gain`)}.
+    -> {"accuracy", "n", "mean_margin", "wins" (1/0 per pair, in order, for `paired_gain`), "thinking" (per pair:
+    whether it is a thinking-mode pair, its chosen response holding a think block)}.
 
     pairs: {"conversations" (the prompt), "image" | "video_frames", "chosen", "rejected"}."""
     import torch
@@ -123,7 +124,7 @@ def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **
         wins.append(int(logps[0] > logps[1]))
         margins.append(logps[0] - logps[1])
     return {"accuracy": sum(wins) / len(pairs), "n": len(pairs), "mean_margin": sum(margins) / len(margins),
-            "wins": wins}
+            "wins": wins, "thinking": ["<think>" in pair["chosen"] for pair in pairs]}
 
 
 def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: float = 1.0, max_new_tokens: int = 32,

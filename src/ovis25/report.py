@@ -103,6 +103,25 @@ def gain_cell(before: list[float], after: list[float]) -> str:
     return f"{gain:+.3f} ± {half:.3f} ({verdict})"
 
 
+def preference_table(pref: dict) -> list[str]:
+    """Preference accuracy after each phase, by kind of pair, with the first -> last change."""
+    phases = list(pref)
+    first, last = pref[phases[0]], pref[phases[-1]]
+    thinking = first.get("thinking") or [False] * first["n"]
+    kinds = [("answer only", False), ("thinking mode", True)] if any(thinking) else []
+    lines = [f"Preference accuracy (held-out DPO pairs: the chosen response more likely than the rejected one, per "
+             f"token), and the change {phases[0]} -> {phases[-1]} with its 95% interval over pairs:", "",
+             "| pairs | " + " | ".join(f"after {p}" for p in phases) + " | change | pairs |",
+             "|---|" + "---|" * (len(phases) + 2)]
+    for label, mode in kinds + [("all", None)]:
+        idx = [i for i, t in enumerate(thinking) if mode is None or t == mode]
+        accuracy = [sum(pref[p]["wins"][i] for i in idx) / len(idx) for p in phases]
+        change = gain_cell([first["wins"][i] for i in idx], [last["wins"][i] for i in idx]) if len(phases) > 1 else ""
+        lines += [f"| {label} | " + " | ".join(f"{a:.3f}" for a in accuracy) + f" | {change} | {len(idx)} |"]
+    return lines + ["| mean log-prob margin | " + " | ".join(f"{pref[p]['mean_margin']:.2f}" for p in phases)
+                    + " | | |", ""]
+
+
 def write_report(run: Path, results: dict, timings: dict) -> Path:
     lines = [f"# ovis25 demo run `{run.name}`", "",
              "A tiny Ovis2.5 trained from scratch on CPU through the curriculum on the synthetic world; "
@@ -116,14 +135,7 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
         lines += [f"| {task} | {a['tokens']:.2f} | {a['objects']:.2f} |" for task, a in vision.items()] + [""]
     lines += ["## Accuracy per task (held out)", "", format_table(results), ""]
     if (run / "preference.json").exists():
-        pref = json.loads((run / "preference.json").read_text())
-        lines += ["Preference accuracy (held-out DPO pairs: chosen more likely than rejected; the change with "
-                  "its 95% interval over pairs):", "",
-                  "| after | accuracy | change | mean log-prob margin | pairs |", "|---|---|---|---|---|"]
-        first = next(iter(pref.values()))
-        lines += [f"| {k} | {v['accuracy']:.3f} | {gain_cell(first['wins'], v['wins']) if v is not first else ''} | "
-                  f"{v['mean_margin']:.2f} | {v['n']} |" for k, v in pref.items()]
-        lines += [""]
+        lines += preference_table(json.loads((run / "preference.json").read_text()))
     if (run / "p5" / "metrics.jsonl").exists():
         rows = [json.loads(line) for line in (run / "p5" / "metrics.jsonl").read_text().splitlines() if line.strip()]
         rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]

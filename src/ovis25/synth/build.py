@@ -6,6 +6,7 @@
     OUT/meta/qa.json           P2/P3: [{"id", "task", "image" | "video_frames", "conversations"}]
     OUT/meta/think.json        P3: as qa, the gpt value is "<think>\\n...\\n</think>\\n\\n" + answer
     OUT/dpo.jsonl              P4: {"id", "task", visuals, "conversations" (prompt), "chosen", "rejected"}
+                               (a third in thinking mode: a correct trace vs one misled by a slip)
     OUT/grpo.jsonl             P5: {"id", "task", visuals, "conversations" (prompt), "answer", "reward"}
     OUT/test.jsonl             held out: {"id", "task", visuals, "question", "conversations", "answer", "metric"}
     OUT/images/<split>/<task>/<id>[_k].png
@@ -28,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .world import TASKS, Sample, thinking
+from .world import TASKS, Sample, misled_thinking, thinking
 
 SPLITS = ("caption", "qa", "think", "dpo", "grpo", "test")
 CAPTIONED = ("count", "attribute", "spatial", "ocr", "chart", "grounding")  # single-image tasks
@@ -39,6 +40,7 @@ PRESETS = {  # samples per task and split
 IMAGE_DIR = "images"
 CAPTION_TEMPLATE = "<image>\nDescribe the image."
 SELF_CORRECT = 1 / 3  # share of thinking traces that catch and fix a slip
+THINKING_PAIRS = 1 / 3  # share of preference pairs in thinking mode (a correct trace vs a misled one)
 DATASETS = {  # datainfo name -> (split, data_format)
     "synth_caption": ("caption", "caption"),
     "synth_qa": ("qa", "conversation"),
@@ -80,7 +82,9 @@ def record(split: str, sid: str, sample: Sample, paths: list[str], rng: random.R
     if split == "think":
         answer = thinking(sample, self_correct=rng.random() < SELF_CORRECT)
         return {**head, "conversations": prompt + [{"from": "gpt", "value": answer}]}
-    if split == "dpo":
+    if split == "dpo":  # both modes, so that DPO keeps (and shapes) thinking mode too
+        if rng.random() < THINKING_PAIRS:
+            return {**head, "conversations": prompt, "chosen": thinking(sample), "rejected": misled_thinking(sample)}
         return {**head, "conversations": prompt, "chosen": sample.answer, "rejected": sample.wrong}
     if split == "grpo":
         return {**head, "conversations": prompt, "answer": sample.answer, "reward": sample.metric}
@@ -137,7 +141,7 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", 
                         [f"{split}/{task}/{sid}_{k}.png" for k in range(len(sample.images))]
                 for image, path in zip(sample.images, paths):
                     (tmp / IMAGE_DIR / path).parent.mkdir(parents=True, exist_ok=True)
-                    image.save(tmp / IMAGE_DIR / path, format="PNG")
+                    image.save(tmp / IMAGE_DIR / path, format="PNG", compress_level=1)  # flat colours: fast zlib does
                 n_images += len(paths)
                 rows[split].append(record(split, sid, sample, paths, rng))
                 counts[split][task] = i + 1

@@ -8,7 +8,7 @@ model has to cope with native resolutions.
 
 Besides the question and answer, a sample carries what the other training formats need: a caption
 (single-image scenes), the steps of a correct reasoning trace, a plausible wrong first step (for
-self-correcting traces) and a plausible wrong answer (for preference pairs).
+self-correcting traces and misled ones) and a plausible wrong answer (for preference pairs).
 """
 from __future__ import annotations
 
@@ -396,3 +396,10 @@ def thinking(sample: Sample, self_correct: bool = False) -> str:
     if self_correct:
         steps[sample.slip_at:sample.slip_at] = [sample.slip, sample.recheck]
     return "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + sample.answer
+
+
+def misled_thinking(sample: Sample) -> str:
+    """A plausible wrong thinking-mode response: the trace goes as far as the slip, believes it and gives
+    the wrong answer (the rejected side of a thinking-mode preference pair)."""
+    steps = sample.reasoning[:sample.slip_at] + [sample.slip]
+    return "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + sample.wrong

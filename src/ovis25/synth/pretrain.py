@@ -30,7 +30,7 @@ log = logging.getLogger("ovis25.synth.pretrain")
 
 @dataclass
 class VisionPretrainConfig:
-    steps: int = 800  # the demo's budget; token accuracy still rises slowly past it
+    steps: int = 1000
     batch_images: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50

@@ -175,9 +175,34 @@ def test_thinking_trace(task):
         assert text.count("</think>") == 1
     assert s.slip in fixed and s.recheck in fixed and s.slip not in plain
     assert fixed.index(s.slip) < fixed.index(s.recheck)
-    misled = misled_thinking(s)  # believes the slip: ends right after it, with the wrong answer
-    assert misled.startswith("<think>\n") and misled.endswith(f"\n{s.slip}\n</think>\n\n{s.wrong}")
-    assert s.wrong != s.answer and s.recheck not in misled
+    misled = misled_thinking(s)
+    assert misled.startswith("<think>\n") and misled.endswith("\n</think>\n\n" + s.wrong) and s.wrong != s.answer
+    assert len(s.misled) == len(s.reasoning) and s.misled != s.reasoning  # shaped like the right trace
+
+
+def consistent(steps: list[str]) -> bool:
+    """The arithmetic and comparisons a trace states hold."""
+    for step in steps:
+        for x, y, z in re.findall(r"(\d+) \+ (\d+) = (\d+)", step):
+            if int(x) + int(y) != int(z):
+                return False
+        for x, rel, y in re.findall(r"([\d.]+) is (less|more) than ([\d.]+)", step):
+            if (float(x) < float(y)) != (rel == "less") or float(x) == float(y):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_misled_trace_reasons_consistently_to_the_wrong_answer(task):
+    rng = random.Random(f"misled-{task}")
+    for _ in range(40):
+        s = TASKS[task](rng)
+        assert consistent(s.reasoning) and consistent(s.misled), (s.reasoning, s.misled)
+        if task == "grounding":  # the spans are the wrong box's
+            x0, y0, x1, y1 = (float(v) for v in re.findall(r"[\d.]+", s.wrong))
+            assert s.misled[1:] == [f"It spans x from {x0:.3f} to {x1:.3f}.", f"It spans y from {y0:.3f} to {y1:.3f}."]
+        else:
+            assert re.search(rf"\b{re.escape(s.wrong)}\b", s.misled[-1]), (s.misled, s.wrong)
 
 
 def test_same_stream_same_samples():

@@ -6,7 +6,7 @@
     OUT/meta/qa.json           P2/P3: [{"id", "task", "image" | "video_frames", "conversations"}]
     OUT/meta/think.json        P3: as qa, the gpt value is "<think>\\n...\\n</think>\\n\\n" + answer
     OUT/dpo.jsonl              P4: {"id", "task", visuals, "conversations" (prompt), "chosen", "rejected"}
-                               (a third in thinking mode: a correct trace vs one misled by a slip)
+                               (a third in thinking mode: a correct trace vs one misreading the image)
     OUT/grpo.jsonl             P5: {"id", "task", visuals, "conversations" (prompt), "answer", "reward"}
     OUT/test.jsonl             held out: {"id", "task", visuals, "question", "conversations", "answer", "metric"}
     OUT/images/<split>/<task>/<id>[_k].png

@@ -8,7 +8,8 @@ model has to cope with native resolutions.
 
 Besides the question and answer, a sample carries what the other training formats need: a caption
 (single-image scenes), the steps of a correct reasoning trace, a plausible wrong first step (for
-self-correcting traces and misled ones) and a plausible wrong answer (for preference pairs).
+self-correcting traces), a plausible wrong answer and a trace that reasons consistently to it from a
+misreading of the image (for preference pairs).
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ class Sample:
     slip_at: int = 0
     recheck: str = RECHECK
     wrong: str = ""                  # a plausible wrong answer
+    # the steps of a trace as long as `reasoning` that misreads the image and reasons consistently to `wrong`
+    misled: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -191,6 +194,8 @@ def count(rng: random.Random) -> Sample:
         reasoning=[f"I need to count the {shape}s.", seen(n),
                    f"So there {'is' if n == 1 else 'are'} {n} {plural(shape, n)}."],
         slip=seen(wrong), slip_at=1, recheck=RECOUNT, wrong=str(wrong),
+        misled=[f"I need to count the {shape}s.", seen(wrong),
+                f"So there {'is' if wrong == 1 else 'are'} {wrong} {plural(shape, wrong)}."],
         meta={"shape": shape, "color": color, "count": n, "objects": [o.to_dict() for o in objs]})
 
 
@@ -210,6 +215,7 @@ def attribute(rng: random.Random) -> Sample:
         "attribute", [image], question, answer, "exact", caption=describe(objs),
         reasoning=[f"I look for {subject}.", f"It is a {target.name}.", f"So the answer is {answer}."],
         slip=f"It looks like a {misseen}.", slip_at=1, wrong=wrong,
+        misled=[f"I look for {subject}.", f"It is a {misseen}.", f"So the answer is {wrong}."],
         meta={"asked": asked, "target": target.to_dict(), "objects": [o.to_dict() for o in objs]})
 
 
@@ -229,12 +235,16 @@ def spatial(rng: random.Random) -> Sample:
     answer, coord = ("yes" if truth else "no"), "xy"[axis]
     pa, pb = (round(o.center[axis] / image.size[axis], 1) for o in (a, b))
     claim = f"the {a.name} is {'' if truth else 'not '}{relation} the {b.name}"
+    false_claim = f"the {a.name} is {'not ' if truth else ''}{relation} the {b.name}"
     return Sample(
         "spatial", [image], f"Is the {a.name} {relation} the {b.name}?", answer, "exact", caption=describe(objs),
         reasoning=[f"The {a.name} is at {coord} {pa}.", f"The {b.name} is at {coord} {pb}.",
                    f"{pa} is {'less' if pa < pb else 'more'} than {pb}, so {claim}.", f"So the answer is {answer}."],
         slip=f"At first the {a.name} seems {'not ' if truth else ''}{relation} the {b.name}.",
         wrong="no" if truth else "yes",
+        misled=[f"The {a.name} is at {coord} {pb}.", f"The {b.name} is at {coord} {pa}.",  # the places swapped
+                f"{pb} is {'less' if pb < pa else 'more'} than {pa}, so {false_claim}.",
+                f"So the answer is {'no' if truth else 'yes'}."],
         meta={"relation": relation, "a": a.to_dict(), "b": b.to_dict(), "objects": [o.to_dict() for o in objs]})
 
 
@@ -258,6 +268,7 @@ def ocr(rng: random.Random) -> Sample:
         "ocr", [image], f"What {kind} is written?", text, "exact", caption=f"the {kind} {text}",
         reasoning=[f"I read the characters one by one: {', '.join(text)}.", f"So the {kind} is {text}."],
         slip=f"It looks like {wrong}.", wrong=wrong,
+        misled=[f"I read the characters one by one: {', '.join(wrong)}.", f"So the {kind} is {wrong}."],
         meta={"text": text, "kind": kind, "font_size": size, "box": [x, y, x + tw - 1, y + th - 1]})
 
 
@@ -295,6 +306,7 @@ def chart(rng: random.Random) -> Sample:
         question, metric = f"What is the value of the {bar} bar?", "number"
         reasoning = [f"The {bar} bar reaches {answer}.", f"So the value of {bar} is {answer}."]
         slip = f"The {bar} bar reaches {wrong}."
+        misled = [slip, f"So the value of {bar} is {wrong}."]
     elif kind == "highest":
         answer = labels[values.index(max(values))]
         wrong = max((k for k in labels if k != answer), key=named.get)  # the runner-up
@@ -302,6 +314,9 @@ def chart(rng: random.Random) -> Sample:
         reasoning = [f"{listing}.", f"The largest value is {max(values)}, on bar {answer}.",
                      f"So the highest bar is {answer}."]
         slip = f"The highest bar looks like {wrong}."
+        misread = {**named, answer: named[wrong], wrong: named[answer]}  # the two tallest bars swapped
+        misled = [", ".join(f"{k} is {v}" for k, v in misread.items()) + ".",
+                  f"The largest value is {max(values)}, on bar {wrong}.", f"So the highest bar is {wrong}."]
     else:
         p, q = sorted(rng.sample(labels, 2))
         total = named[p] + named[q]
@@ -309,9 +324,12 @@ def chart(rng: random.Random) -> Sample:
         question, metric = f"What is {p} plus {q}?", "number"
         reasoning = [f"{p} is {named[p]}.", f"{q} is {named[q]}.", f"{named[p]} + {named[q]} = {total}."]
         slip = f"{p} is {near(rng, named[p], 1, 9)}."
+        off = int(wrong) - total  # one bar read one off, whichever stays in 1-9
+        seen_p, seen_q = (named[p] + off, named[q]) if 1 <= named[p] + off <= 9 else (named[p], named[q] + off)
+        misled = [f"{p} is {seen_p}.", f"{q} is {seen_q}.", f"{seen_p} + {seen_q} = {wrong}."]
     return Sample(
         "chart", [image], question, answer, metric, caption=f"a bar chart: {listing}",
-        reasoning=reasoning, slip=slip, wrong=wrong,
+        reasoning=reasoning, slip=slip, wrong=wrong, misled=misled,
         meta={"kind": kind, "labels": labels, "values": values, "color": color, "unit": unit, "base": base,
               "bars": bars, "font_size": fs})
 
@@ -329,6 +347,7 @@ def grounding(rng: random.Random) -> Sample:
         "grounding", [image], f"Where is the <ref>{target.name}</ref>?", format_box(box), "iou",
         caption=describe(objs), reasoning=[f"I find the {target.name}.", *spans(box)],
         slip=spans(other_box)[0], slip_at=1, wrong=format_box(other_box),
+        misled=[f"I find the {target.name}.", *spans(other_box)],
         meta={"target": target.to_dict(), "box": list(box), "objects": [o.to_dict() for o in objs]})
 
 
@@ -344,12 +363,18 @@ def multi_image(rng: random.Random) -> Sample:
     answer = "first" if counts[0] > counts[1] else "second"
     a, b = counts
     misread = near(rng, a, 1, 6)
+    wrong = "second" if answer == "first" else "first"
+    # a misled trace misreads one count so that the comparison flips
+    seen_a, seen_b = (b - 1, b) if answer == "first" and b > 1 else (a, a + 1) if answer == "first" else (b + 1, b)
     return Sample(
         "multi_image", images, f"Which image has more {shape}s?", answer, "exact",
         reasoning=[f"The first image has {a} {plural(shape, a)}.", f"The second image has {b} {plural(shape, b)}.",
                    f"{max(a, b)} is more than {min(a, b)}, so the {answer} image has more."],
         slip=f"The first image has {misread} {plural(shape, misread)}.", recheck=RECOUNT,
-        wrong="second" if answer == "first" else "first",
+        wrong=wrong,
+        misled=[f"The first image has {seen_a} {plural(shape, seen_a)}.",
+                f"The second image has {seen_b} {plural(shape, seen_b)}.",
+                f"{max(seen_a, seen_b)} is more than {min(seen_a, seen_b)}, so the {wrong} image has more."],
         meta={"shape": shape, "counts": counts, "colors": colors, "objects": objects})
 
 
@@ -381,6 +406,8 @@ def video(rng: random.Random) -> Sample:
         reasoning=[f"In frame 1 the ball is at {coord} {first}.", f"In frame {frames} the ball is at {coord} {last}.",
                    f"{coord} {'grows' if last > first else 'shrinks'}, so the ball moves {direction}."],
         slip=f"The ball seems to move {OPPOSITE[direction]}.", wrong=OPPOSITE[direction],
+        misled=[f"In frame 1 the ball is at {coord} {last}.", f"In frame {frames} the ball is at {coord} {first}.",
+                f"{coord} {'grows' if first > last else 'shrinks'}, so the ball moves {OPPOSITE[direction]}."],
         meta={"direction": direction, "color": color, "balls": [b.box for b in balls],
               "still": [o.to_dict() for o in still]})
 
@@ -399,7 +426,7 @@ def thinking(sample: Sample, self_correct: bool = False) -> str:
 
 
 def misled_thinking(sample: Sample) -> str:
-    """A plausible wrong thinking-mode response: the trace goes as far as the slip, believes it and gives
-    the wrong answer (the rejected side of a thinking-mode preference pair)."""
-    steps = sample.reasoning[:sample.slip_at] + [sample.slip]
-    return "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + sample.wrong
+    """A plausible wrong thinking-mode response (the rejected side of a thinking-mode preference pair): a
+    trace shaped like the right one that misreads the image and reasons consistently to the wrong answer,
+    so that only the image tells the two apart."""
+    return "<think>\n" + "\n".join(sample.misled) + "\n</think>\n\n" + sample.wrong

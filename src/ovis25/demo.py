@@ -136,7 +136,7 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
     overrides = overrides or {}
     run = runs_dir / name
     run.mkdir(parents=True, exist_ok=True)
-    # seconds per step of the run; a resumed run keeps the times of what it does not redo
+    # seconds per part of the run; a resumed run keeps the times of what it does not redo
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
     timings["evaluation"] = 0.0
     t0 = time.perf_counter()

@@ -82,7 +82,7 @@ def record(split: str, sid: str, sample: Sample, paths: list[str], rng: random.R
     if split == "think":
         answer = thinking(sample, self_correct=rng.random() < SELF_CORRECT)
         return {**head, "conversations": prompt + [{"from": "gpt", "value": answer}]}
-    if split == "dpo":  # both modes, so that DPO keeps (and shapes) thinking mode too
+    if split == "dpo":  # both modes: with answer-only pairs DPO broke thinking mode
         if rng.random() < THINKING_PAIRS:
             return {**head, "conversations": prompt, "chosen": thinking(sample), "rejected": misled_thinking(sample)}
         return {**head, "conversations": prompt, "chosen": sample.answer, "rejected": sample.wrong}

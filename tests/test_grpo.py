@@ -149,6 +149,25 @@ def test_bad_prompts_are_counted_or_fail(tmp_path):
         plan_datasets(load_datainfo(info), strict, 0, plan=prompt_planner(strict, [("exact", 1.0)], False))
 
 
+def test_a_share_of_prompts_is_rolled_out_with_thinking(tmp_path):
+    rows = [{"id": f"p{i}", "question": f"q{i}", "answer": "a"} for i in range(40)]
+    info = write_prompts(tmp_path, rows)
+    proc = Processor.from_pretrained(TINY)
+    builder = SampleBuilder(proc, PixelBudgets(1024, 4096), max_length=200)
+    opts = GRPOOptions(grpo_thinking_share=0.25)
+    prompts = plan_datasets(load_datainfo(info), builder, 0, plan=prompt_planner(builder, [("exact", 1.0)], opts.thinks))
+    thinking = [p.thinking for p in prompts]
+    assert 0 < sum(thinking) < len(prompts) and thinking == [opts.thinks(p.key) for p in prompts]  # fixed per prompt
+    empty = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    for p in prompts:  # the open assistant turn: thinking prompts leave the think block to the model
+        text = proc.tokenizer.decode(p.sample.input_ids[-12:])
+        assert text.endswith("<|im_start|>assistant\n" if p.thinking else empty)
+    assert opts.generation_config().enable_thinking and not GRPOOptions().generation_config().enable_thinking
+    assert all(GRPOOptions(grpo_thinking=True).thinks(p.key) for p in prompts)
+    with pytest.raises(ValueError, match="grpo_thinking_share"):
+        GRPOOptions(grpo_thinking_share=1.5).validate()
+
+
 # ---- rollouts -----------------------------------------------------------------------------------------------
 def test_engine_rollouts_keep_forced_thinking_budget_ids_out_of_training():
     proc, model = Processor.from_pretrained(TINY), Ovis.from_pretrained(TINY).eval()
@@ -163,6 +182,11 @@ def test_engine_rollouts_keep_forced_thinking_budget_ids_out_of_training():
             assert r.token_ids[3:3 + len(forced)] == forced and not any(r.sampled[3:3 + len(forced)])
             assert all(r.sampled[3 + len(forced):])
     assert group[0].token_ids != group[1].token_ids  # different seeds
+    # per prompt: the same prompt with thinking off gets no budget, so nothing is forced
+    thinking, plain = engine_rollouts(model, proc.tokenizer, [prompt, prompt], config, [[1, 2, 3]] * 2, max_batch=6,
+                                      thinking=[True, False])
+    assert [r.token_ids for r in thinking] == [r.token_ids for r in group]
+    assert all(all(r.sampled) for r in plain) and any(not all(r.sampled) for r in thinking)
 
 
 def test_openai_backend_with_a_fake_server(tmp_path):

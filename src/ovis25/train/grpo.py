@@ -10,7 +10,9 @@ One GRPO step (`max_steps` counts these) is one rollout batch:
      per prompt with the built-in `Engine` (all prompts prefilled together, KV-cache decode, thinking on/off,
      thinking budget) on the current policy weights: the policy module itself without FSDP; under FSDP the
      full weights are gathered into a plain copy on every rank first. Sampling seeds derive from (seed,
-     step, prompt, g), so a resumed run samples what the uninterrupted one did.
+     step, prompt, g), so a resumed run samples what the uninterrupted one did. Thinking is on for every
+     prompt with `grpo_thinking`, or for a fixed share of the prompts with `grpo_thinking_share` (training
+     on answer-only rollouts erodes thinking mode).
   2. Rewards: the weighted reward functions of each prompt; advantages per group
      A = (r - mean_group) / (std_group + 1e-4), with the population std, so a group of identical rewards
      (or of one response) gets A = 0.
@@ -94,6 +96,8 @@ class GRPOOptions:
     grpo_temperature: float = 1.0
     grpo_top_p: float = 1.0
     grpo_thinking: bool = False
+    grpo_thinking_share: float = 0.0       # without grpo_thinking: the share of prompts rolled out with thinking
+                                           # on (drawn per prompt, fixed for the run), so RL keeps both modes
     grpo_thinking_budget: int = 0          # with thinking: force the answer after this many tokens (0: off)
     grpo_rollout_batch: int = 64           # engine slots: sequences decoded together
     rollout_backend: str = "engine"        # engine | openai
@@ -109,6 +113,8 @@ class GRPOOptions:
                 raise ValueError(f"recipe: {name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.grpo_clip_eps < 1 or self.grpo_kl_coef < 0 or self.grpo_thinking_budget < 0:
             raise ValueError("recipe: need 0 < grpo_clip_eps < 1, grpo_kl_coef >= 0, grpo_thinking_budget >= 0")
+        if not 0 <= self.grpo_thinking_share <= 1:
+            raise ValueError(f"recipe: grpo_thinking_share must be in [0, 1], got {self.grpo_thinking_share}")
         if not self.grpo_temperature > 0 or not 0 < self.grpo_top_p <= 1:
             raise ValueError("recipe: need grpo_temperature > 0 (sampling) and 0 < grpo_top_p <= 1")
         if self.rollout_backend not in ("engine", "openai"):
@@ -118,10 +124,16 @@ class GRPOOptions:
         if self.rollout_reload and ":" not in self.rollout_reload:
             raise ValueError(f"recipe: rollout_reload must be 'module:function', got {self.rollout_reload!r}")
 
+    def thinks(self, key: str) -> bool:
+        """Whether the prompt named `key` is rolled out with thinking on."""
+        return self.grpo_thinking or (self.grpo_thinking_share > 0
+                                      and random.Random(key).random() < self.grpo_thinking_share)
+
     def generation_config(self) -> GenerationConfig:
+        """The rollout settings; `enable_thinking` is that of the thinking prompts, if any (others override it)."""
         return GenerationConfig(max_new_tokens=self.grpo_max_new_tokens, do_sample=True,
                                 temperature=self.grpo_temperature, top_p=self.grpo_top_p,
-                                enable_thinking=self.grpo_thinking,
+                                enable_thinking=self.grpo_thinking or self.grpo_thinking_share > 0,
                                 thinking_budget=self.grpo_thinking_budget or None)
 
 
@@ -160,19 +172,22 @@ class PlannedPrompt:
     conversations: list[dict]
     answer: str
     rewards: list[tuple[str, float]]
+    thinking: bool = False                # rolled out with thinking on
 
     @property
     def text(self) -> str:
         return self.conversations[-1]["value"]
 
 
-def prompt_planner(builder: SampleBuilder, default_rewards: list[tuple[str, float]], thinking: bool,
-                   images_only: bool = False):
+def prompt_planner(builder: SampleBuilder, default_rewards: list[tuple[str, float]],
+                   thinking: bool | Callable[[str], bool], images_only: bool = False):
     """plan(sample, spec, index) -> PlannedPrompt, for `plan_datasets`; raises DataError on a bad sample.
-    images_only: reject videos (the openai backend sends images only)."""
-    preface = "" if thinking else EMPTY_THINK  # what the reference chat() appends when thinking is off
-
+    thinking: for every prompt, or per prompt key (`GRPOOptions.thinks`); images_only: reject videos (the
+    openai backend sends images only)."""
     def plan(sample: dict, spec: DatasetSpec, index: int) -> PlannedPrompt:
+        key = f"{spec.name}/{sample.get('id', index)}"
+        think = thinking(key) if callable(thinking) else thinking
+        preface = "" if think else EMPTY_THINK  # what the reference chat() appends when thinking is off
         conv = prompt_turns(sample)
         answer = sample.get("answer")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
@@ -186,7 +201,7 @@ def prompt_planner(builder: SampleBuilder, default_rewards: list[tuple[str, floa
         planned = builder.plan({**sample, "conversations": conv}, spec, index, generation_preface=preface)
         if images_only and planned.kind == "video":
             raise DataError("unsupported", "the openai rollout backend sends images only, not videos")
-        return PlannedPrompt(f"{spec.name}/{sample.get('id', index)}", planned, conv, answer.strip(), rewards)
+        return PlannedPrompt(key, planned, conv, answer.strip(), rewards, think)
     return plan
 
 
@@ -232,15 +247,19 @@ def response_room(config: GenerationConfig, tokenizer) -> int:
 
 
 def engine_rollouts(model: Ovis, tokenizer, prompts: list[TrainSample], config: GenerationConfig,
-                    seeds: list[list[int]], max_batch: int) -> list[list[Response]]:
-    """len(seeds[i]) responses to each prompt, decoded together by one Engine."""
+                    seeds: list[list[int]], max_batch: int,
+                    thinking: list[bool] | None = None) -> list[list[Response]]:
+    """len(seeds[i]) responses to each prompt, decoded together by one Engine; thinking: per prompt, overriding
+    config.enable_thinking."""
     n = sum(len(s) for s in seeds)
     engine = Engine(model, tokenizer, max_batch_size=min(n, max_batch),
                     max_len=max(len(p.input_ids) for p in prompts) + response_room(config, tokenizer))
     owner = {}
     for i, (prompt, group) in enumerate(zip(prompts, seeds)):
+        mode = {} if thinking is None else {"enable_thinking": thinking[i]}
         for g, seed in enumerate(group):
-            rid = engine.add_request(prompt.input_ids, prompt.pixel_values, prompt.grid_thws, config.replace(seed=seed))
+            rid = engine.add_request(prompt.input_ids, prompt.pixel_values, prompt.grid_thws,
+                                     config.replace(seed=seed, **mode))
             owner[rid] = (i, g)
     ids = {rid: [] for rid in owner}
     sampled = {rid: [] for rid in owner}
@@ -268,8 +287,8 @@ class OpenAIRollouts:
 
     def __call__(self, prompt: PlannedPrompt, seeds: list[int]) -> list[Response]:
         o = self.opts
-        extra = {"chat_template_kwargs": {"enable_thinking": o.grpo_thinking}}
-        if o.grpo_thinking and o.grpo_thinking_budget:
+        extra = {"chat_template_kwargs": {"enable_thinking": prompt.thinking}}
+        if prompt.thinking and o.grpo_thinking_budget:
             extra["thinking_budget"] = o.grpo_thinking_budget
         reply = self.client.chat.completions.create(
             model=o.rollout_model, messages=openai_messages(prompt), n=len(seeds), seed=seeds[0],
@@ -395,7 +414,7 @@ def train_grpo(cfg: TrainConfig) -> Path:
         raise ValueError(f"max_tokens {cfg.max_tokens} leaves no room for prompts after {room} response tokens")
     builder = SampleBuilder(processor, pixel_budgets(cfg), cfg.max_tokens - room, cfg.on_bad_sample, cfg.num_frames)
     specs = load_datainfo(cfg.datainfo, cfg.datasets or None, formats=("conversation",))
-    planner = prompt_planner(builder, default_rewards, opts.grpo_thinking, opts.rollout_backend == "openai")
+    planner = prompt_planner(builder, default_rewards, opts.thinks, opts.rollout_backend == "openai")
     prompts = plan_datasets(specs, builder, cfg.seed, plan=planner)
     reward_names = sorted({name for p in prompts for name, _ in p.rewards})
     warn_long_answers(prompts, tokenizer, opts.grpo_max_new_tokens, rank)
@@ -456,8 +475,8 @@ def train_grpo(cfg: TrainConfig) -> Path:
         else:
             policy = gather_policy(model, plain, cfg) if plain is not None else inner
             policy.eval()
-            groups = engine_rollouts(policy, tokenizer, built, gen_config, seeds, opts.grpo_rollout_batch) \
-                if mine else []
+            groups = engine_rollouts(policy, tokenizer, built, gen_config, seeds, opts.grpo_rollout_batch,
+                                     [p.thinking for p in mine]) if mine else []
             inner.train()
         t_rollout = time.perf_counter() - t0
 

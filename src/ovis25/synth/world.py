@@ -189,13 +189,13 @@ def count(rng: random.Random) -> Sample:
     def seen(k: int) -> str:
         return "I see " + ", ".join(f"{shape} {i}" for i in range(1, k + 1)) + "."
 
+    def trace(k: int) -> list[str]:  # counting k of them
+        return [f"I need to count the {shape}s.", seen(k),
+                f"So there {'is' if k == 1 else 'are'} {k} {plural(shape, k)}."]
+
     return Sample(
         "count", [image], f"How many {shape}s are there?", str(n), "number", caption=describe(objs),
-        reasoning=[f"I need to count the {shape}s.", seen(n),
-                   f"So there {'is' if n == 1 else 'are'} {n} {plural(shape, n)}."],
-        slip=seen(wrong), slip_at=1, recheck=RECOUNT, wrong=str(wrong),
-        misled=[f"I need to count the {shape}s.", seen(wrong),
-                f"So there {'is' if wrong == 1 else 'are'} {wrong} {plural(shape, wrong)}."],
+        reasoning=trace(n), slip=seen(wrong), slip_at=1, recheck=RECOUNT, wrong=str(wrong), misled=trace(wrong),
         meta={"shape": shape, "color": color, "count": n, "objects": [o.to_dict() for o in objs]})
 
 
@@ -211,11 +211,14 @@ def attribute(rng: random.Random) -> Sample:
         question, answer, asked = f"What shape is the {target.color} object?", target.shape, "shape"
         wrong = rng.choice([s for s in SHAPES if s != target.shape])
         subject, misseen = f"the {target.color} object", f"{target.color} {wrong}"
+
+    def trace(seen: str, reply: str) -> list[str]:
+        return [f"I look for {subject}.", f"It is a {seen}.", f"So the answer is {reply}."]
+
     return Sample(
         "attribute", [image], question, answer, "exact", caption=describe(objs),
-        reasoning=[f"I look for {subject}.", f"It is a {target.name}.", f"So the answer is {answer}."],
-        slip=f"It looks like a {misseen}.", slip_at=1, wrong=wrong,
-        misled=[f"I look for {subject}.", f"It is a {misseen}.", f"So the answer is {wrong}."],
+        reasoning=trace(target.name, answer), slip=f"It looks like a {misseen}.", slip_at=1, wrong=wrong,
+        misled=trace(misseen, wrong),
         meta={"asked": asked, "target": target.to_dict(), "objects": [o.to_dict() for o in objs]})
 
 
@@ -234,17 +237,18 @@ def spatial(rng: random.Random) -> Sample:
             break
     answer, coord = ("yes" if truth else "no"), "xy"[axis]
     pa, pb = (round(o.center[axis] / image.size[axis], 1) for o in (a, b))
-    claim = f"the {a.name} is {'' if truth else 'not '}{relation} the {b.name}"
-    false_claim = f"the {a.name} is {'not ' if truth else ''}{relation} the {b.name}"
+
+    def trace(xa: float, xb: float, holds: bool) -> list[str]:  # a at xa and b at xb, so the relation holds or not
+        claim = f"the {a.name} is {'' if holds else 'not '}{relation} the {b.name}"
+        return [f"The {a.name} is at {coord} {xa}.", f"The {b.name} is at {coord} {xb}.",
+                f"{xa} is {'less' if xa < xb else 'more'} than {xb}, so {claim}.",
+                f"So the answer is {'yes' if holds else 'no'}."]
+
     return Sample(
         "spatial", [image], f"Is the {a.name} {relation} the {b.name}?", answer, "exact", caption=describe(objs),
-        reasoning=[f"The {a.name} is at {coord} {pa}.", f"The {b.name} is at {coord} {pb}.",
-                   f"{pa} is {'less' if pa < pb else 'more'} than {pb}, so {claim}.", f"So the answer is {answer}."],
+        reasoning=trace(pa, pb, truth),
         slip=f"At first the {a.name} seems {'not ' if truth else ''}{relation} the {b.name}.",
-        wrong="no" if truth else "yes",
-        misled=[f"The {a.name} is at {coord} {pb}.", f"The {b.name} is at {coord} {pa}.",  # the places swapped
-                f"{pb} is {'less' if pb < pa else 'more'} than {pa}, so {false_claim}.",
-                f"So the answer is {'no' if truth else 'yes'}."],
+        wrong="no" if truth else "yes", misled=trace(pb, pa, not truth),  # the places swapped
         meta={"relation": relation, "a": a.to_dict(), "b": b.to_dict(), "objects": [o.to_dict() for o in objs]})
 
 
@@ -366,15 +370,15 @@ def multi_image(rng: random.Random) -> Sample:
     wrong = "second" if answer == "first" else "first"
     # a misled trace misreads one count so that the comparison flips
     seen_a, seen_b = (b - 1, b) if answer == "first" and b > 1 else (a, a + 1) if answer == "first" else (b + 1, b)
+
+    def trace(x: int, y: int) -> list[str]:  # x and y counted in the first and second image
+        return [f"The first image has {x} {plural(shape, x)}.", f"The second image has {y} {plural(shape, y)}.",
+                f"{max(x, y)} is more than {min(x, y)}, so the {'first' if x > y else 'second'} image has more."]
+
     return Sample(
-        "multi_image", images, f"Which image has more {shape}s?", answer, "exact",
-        reasoning=[f"The first image has {a} {plural(shape, a)}.", f"The second image has {b} {plural(shape, b)}.",
-                   f"{max(a, b)} is more than {min(a, b)}, so the {answer} image has more."],
+        "multi_image", images, f"Which image has more {shape}s?", answer, "exact", reasoning=trace(a, b),
         slip=f"The first image has {misread} {plural(shape, misread)}.", recheck=RECOUNT,
-        wrong=wrong,
-        misled=[f"The first image has {seen_a} {plural(shape, seen_a)}.",
-                f"The second image has {seen_b} {plural(shape, seen_b)}.",
-                f"{max(seen_a, seen_b)} is more than {min(seen_a, seen_b)}, so the {wrong} image has more."],
+        wrong=wrong, misled=trace(seen_a, seen_b),
         meta={"shape": shape, "counts": counts, "colors": colors, "objects": objects})
 
 
@@ -401,13 +405,16 @@ def video(rng: random.Random) -> Sample:
     images = [render(size, still + [ball]) for ball in balls]
     coord = "xy"[axis]
     first, last = (round(balls[i].center[axis] / size[axis], 1) for i in (0, -1))
+
+    def trace(start: float, end: float, moves: str) -> list[str]:
+        return [f"In frame 1 the ball is at {coord} {start}.", f"In frame {frames} the ball is at {coord} {end}.",
+                f"{coord} {'grows' if end > start else 'shrinks'}, so the ball moves {moves}."]
+
     return Sample(
         "video", images, "Which direction does the ball move?", direction, "exact", video=True,
-        reasoning=[f"In frame 1 the ball is at {coord} {first}.", f"In frame {frames} the ball is at {coord} {last}.",
-                   f"{coord} {'grows' if last > first else 'shrinks'}, so the ball moves {direction}."],
+        reasoning=trace(first, last, direction),
         slip=f"The ball seems to move {OPPOSITE[direction]}.", wrong=OPPOSITE[direction],
-        misled=[f"In frame 1 the ball is at {coord} {last}.", f"In frame {frames} the ball is at {coord} {first}.",
-                f"{coord} {'grows' if first > last else 'shrinks'}, so the ball moves {OPPOSITE[direction]}."],
+        misled=trace(last, first, OPPOSITE[direction]),  # the first and last places swapped
         meta={"direction": direction, "color": color, "balls": [b.box for b in balls],
               "still": [o.to_dict() for o in still]})
 
@@ -422,11 +429,15 @@ def thinking(sample: Sample, self_correct: bool = False) -> str:
     steps = list(sample.reasoning)
     if self_correct:
         steps[sample.slip_at:sample.slip_at] = [sample.slip, sample.recheck]
-    return "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + sample.answer
+    return think_block(steps, sample.answer)
 
 
 def misled_thinking(sample: Sample) -> str:
     """A plausible wrong thinking-mode response (the rejected side of a thinking-mode preference pair): a
     trace shaped like the right one that misreads the image and reasons consistently to the wrong answer,
     so that only the image tells the two apart."""
-    return "<think>\n" + "\n".join(sample.misled) + "\n</think>\n\n" + sample.wrong
+    return think_block(sample.misled, sample.wrong)
+
+
+def think_block(steps: list[str], answer: str) -> str:
+    return "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + answer

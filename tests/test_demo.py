@@ -32,7 +32,7 @@ def test_demo_pipeline_wiring(tmp_path):
     results = json.loads((run / "eval.json").read_text())
     assert {"p1", "p2", "p3", "p3+think", "p4", "p5", "p5+think"} <= set(results)
     preference = json.loads((run / "preference.json").read_text())
-    assert set(preference) == {"p3", "p4"} and all(0 <= v["accuracy"] <= 1 and len(v["wins"]) == len(v["thinking"])
+    assert set(preference) == {"p3", "p4"} and all(0 <= v["accuracy"] <= 1 and len(v["wins"]) == len(v["kinds"])
                                                    == v["n"] for v in preference.values())
     rewards = json.loads((run / "reward.json").read_text())
     assert set(rewards) == {"p4", "p5"} and set(rewards["p5"]) == set(results["p5"])

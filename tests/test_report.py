@@ -5,7 +5,7 @@ import random
 import pytest
 
 from ovis25.eval import paired_gain
-from ovis25.report import gain_cell, write_report
+from ovis25.report import PAIR_LABELS, gain_cell, write_report
 
 
 def test_paired_gain_mean_and_interval():
@@ -27,16 +27,18 @@ def test_gain_cell_tells_a_gain_from_noise():
 
 def test_report_tables_carry_the_paired_changes(tmp_path):
     wins = {"p3": [1, 0] * 50, "p4": [1, 1] * 50}  # differences 0, 1, ...: sd 0.5025 over 100 pairs
-    (tmp_path / "preference.json").write_text(json.dumps(  # every second pair in thinking mode: those flip
-        {p: {"accuracy": sum(w) / len(w), "n": len(w), "mean_margin": 1.0, "wins": w, "thinking": [False, True] * 50}
+    (tmp_path / "preference.json").write_text(json.dumps(  # every second pair a faithfulness pair: those flip
+        {p: {"accuracy": sum(w) / len(w), "n": len(w), "mean_margin": 1.0, "wins": w,
+             "kinds": ["answer", "unfaithful"] * 50}
          for p, w in wins.items()}))
     items = {"p4": {"count": [0.0, 0.5] * 100, "ocr": [0.25] * 200}, "p5": {"count": [0.0, 0.5] * 100, "ocr": [0.5] * 200}}
     (tmp_path / "reward.json").write_text(json.dumps(
         {p: {t: {"reward": sum(v) / len(v), "n": 4 * len(v), "item_rewards": v} for t, v in tasks.items()}
          for p, tasks in items.items()}))
     report = write_report(tmp_path, {}, {"total": 1.0}).read_text()
-    assert "| answer only | 1.000 | 1.000 | +0.000 ± 0.000 (within noise) | 50 |" in report
-    assert "| thinking mode | 0.000 | 1.000 | +1.000 ± 0.000 (a gain) | 50 |" in report
+    assert f"| {PAIR_LABELS['answer']} | 1.000 | 1.000 | +0.000 ± 0.000 (within noise) | 50 |" in report
+    assert f"| {PAIR_LABELS['unfaithful']} | 0.000 | 1.000 | +1.000 ± 0.000 (a gain) | 50 |" in report
+    assert report.index(PAIR_LABELS["answer"]) < report.index(PAIR_LABELS["unfaithful"]) < report.index("| all |")
     assert "| all | 0.500 | 1.000 | +0.500 ± 0.098 (a gain) | 100 |" in report
     assert "| count | 0.250 | 0.250 | +0.000 ± 0.000 (within noise) | 800 |" in report
     assert "| ocr | 0.250 | 0.500 | +0.250 ± 0.000 (a gain) | 800 |" in report

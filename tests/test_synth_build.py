@@ -2,6 +2,7 @@
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from ovis25.synth import PRESETS, TASKS, build_world
 from ovis25.synth.__main__ import main
-from ovis25.synth.build import CAPTIONED, task_rng
+from ovis25.synth.build import CAPTIONED, PAIR_KINDS, pair_kind, task_rng
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -135,19 +136,29 @@ def test_split_specific_fields(world):
         assert re.fullmatch(r"<think>\n(.+\n)+</think>\n\n[^\n]+", value), value
         corrected += "Wait, let me" in value
     assert 0 < corrected < len(rows["synth_think"])
-    thinking_pairs = 0
+    kinds = Counter()
     for row in rows["dpo"]:
         assert len(row["conversations"]) == 1 and row["chosen"] and row["rejected"] != row["chosen"]
         modes = {"<think>" in row["chosen"], "<think>" in row["rejected"]}
-        assert len(modes) == 1, "both sides of a pair are in the same mode"
-        thinking_pairs += modes == {True}
-    assert 0 < thinking_pairs < len(rows["dpo"])
+        assert modes == {row["kind"] != "answer"}, "both sides of a pair are in the pair's mode"
+        chosen_trace, chosen_answer = row["chosen"].rsplit("\n\n", 1) if modes == {True} else ("", row["chosen"])
+        rejected_trace, rejected_answer = row["rejected"].rsplit("\n\n", 1) if modes == {True} else ("", row["rejected"])
+        assert chosen_answer != rejected_answer
+        assert (chosen_trace == rejected_trace) == (row["kind"] != "misled"), row  # only "misled" changes the trace
+        kinds[row["kind"]] += 1
+    assert set(kinds) <= set(PAIR_KINDS) and len(kinds) > 1, kinds
     for row in rows["grpo"]:
         assert row["reward"] in ("exact", "number", "iou") and row["answer"]
         assert (row["reward"] == "iou") == (row["task"] == "grounding")
     for row in rows["test"]:
         assert row["metric"] in ("exact", "number", "iou")
         assert row["conversations"][0]["value"].endswith(row["question"])
+
+
+def test_pair_kinds_take_their_shares():
+    draws = [pair_kind((i + 0.5) / 600) for i in range(600)]
+    assert {k: draws.count(k) / 600 for k in PAIR_KINDS} == pytest.approx(PAIR_KINDS)
+    assert pair_kind(0.0) == next(iter(PAIR_KINDS)) and pair_kind(1 - 1e-12) == list(PAIR_KINDS)[-1]
 
 
 def test_files_hold_what_the_generators_drew(world):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from ovis25.grounding import Box, parse_boxes
-from ovis25.synth.world import COLORS, TASKS, font, misled_thinking, thinking
+from ovis25.synth.world import COLORS, TASKS, font, misled_thinking, thinking, unfaithful_thinking
 
 N = 40  # samples per task
 
@@ -178,6 +178,8 @@ def test_thinking_trace(task):
     misled = misled_thinking(s)
     assert misled.startswith("<think>\n") and misled.endswith("\n</think>\n\n" + s.wrong) and s.wrong != s.answer
     assert len(s.misled) == len(s.reasoning) and s.misled != s.reasoning  # shaped like the right trace
+    unfaithful = unfaithful_thinking(s)  # the right trace word for word, then the wrong answer
+    assert unfaithful == plain[:-len(s.answer)] + s.wrong
 
 
 def consistent(steps: list[str]) -> bool:

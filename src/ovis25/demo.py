@@ -36,7 +36,7 @@ RECIPES = REPO / "recipes" / "tiny"
 PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}
 TRAIN_PHASES = ("p0", "p0v", "p1", "p2", "p3", "p4", "p5")
 VISION = {"tiny": {}, "ci": {"scenes_per_task": 3, "test_scenes_per_task": 2, "batch_images": 8}}
-HELD_OUT_PAIRS = 400  # pairs kept out of DPO to measure preference accuracy (every task in turn; <= 1/4 of all)
+HELD_OUT_PAIRS = 600  # pairs kept out of DPO to measure preference accuracy (every task in turn; <= 1/4 of all)
 GREEDY_ITEMS = 50  # test items per task for the greedy accuracy tables (the sampled reward uses all of them)
 REWARD_SAMPLES = 4  # sampled answers per held-out question when measuring GRPO's reward
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
@@ -178,8 +178,10 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
             preference[phase] = preference_accuracy(
                 Ovis.from_pretrained(final), Processor.from_pretrained(final), held_pairs, world / "images", **PIXELS)
             (run / "preference.json").write_text(json.dumps(preference, indent=2))
-            print(f"preference accuracy on {len(held_pairs)} held-out pairs after {phase}: "
-                  f"{preference[phase]['accuracy']:.2f}")
+            pref = preference[phase]
+            by_kind = {k: [w for w, kk in zip(pref["wins"], pref["kinds"]) if kk == k] for k in dict.fromkeys(pref["kinds"])}
+            print(f"preference accuracy on {len(held_pairs)} held-out pairs after {phase}: {pref['accuracy']:.2f} ("
+                  + ", ".join(f"{k} {sum(w) / len(w):.2f}" for k, w in by_kind.items()) + ")")
             print(f"\n== after {phase}\n" + format_table({k: v for k, v in results.items() if k.startswith(phase)}))
         timings["evaluation"] += time.perf_counter() - t0
         write_timings(run, timings)

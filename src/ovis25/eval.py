@@ -101,10 +101,10 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
 
 def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **pixels) -> dict:
     """Share of preference pairs whose chosen response has the higher log-probability under the model
-    -> {"accuracy", "n", "mean_margin", "wins" (1/0 per pair, in order, for `paired_gain`), "thinking" (per pair:
-    whether it is a thinking-mode pair, its chosen response holding a think block)}.
+    -> {"accuracy", "n", "mean_margin", "wins" (1/0 per pair, in order, for `paired_gain`), "kinds" (per pair:
+    its "kind" field, else "thinking" or "answer" by whether the chosen response holds a think block)}.
 
-    pairs: {"conversations" (the prompt), "image" | "video_frames", "chosen", "rejected"}."""
+    pairs: {"conversations" (the prompt), "image" | "video_frames", "chosen", "rejected"[, "kind"]}."""
     import torch
 
     from .train.packing import shifted_targets
@@ -124,7 +124,8 @@ def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **
         wins.append(int(logps[0] > logps[1]))
         margins.append(logps[0] - logps[1])
     return {"accuracy": sum(wins) / len(pairs), "n": len(pairs), "mean_margin": sum(margins) / len(margins),
-            "wins": wins, "thinking": ["<think>" in pair["chosen"] for pair in pairs]}
+            "wins": wins, "kinds": [pair.get("kind") or ("thinking" if "<think>" in pair["chosen"] else "answer")
+                                    for pair in pairs]}
 
 
 def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: float = 1.0, max_new_tokens: int = 32,

@@ -103,21 +103,28 @@ def gain_cell(before: list[float], after: list[float]) -> str:
     return f"{gain:+.3f} ± {half:.3f} ({verdict})"
 
 
+PAIR_LABELS = {"answer": "answer only: right vs wrong answer (perception)",
+               "misled": "thinking: right trace vs one misreading the image (perception)",
+               "unfaithful": "thinking: answer following the trace vs contradicting it (faithfulness)",
+               "thinking": "thinking mode"}
+
+
 def preference_table(pref: dict) -> list[str]:
     """Preference accuracy after each phase, by kind of pair, with the first -> last change."""
     phases = list(pref)
     first, last = pref[phases[0]], pref[phases[-1]]
-    thinking = first.get("thinking") or [False] * first["n"]
-    kinds = [("answer only", False), ("thinking mode", True)] if any(thinking) else []
+    kinds = first["kinds"]
+    groups = sorted(set(kinds), key=lambda k: list(PAIR_LABELS).index(k) if k in PAIR_LABELS else len(PAIR_LABELS))
+    groups = groups if len(groups) > 1 else []
     lines = [f"Preference accuracy (held-out DPO pairs: the chosen response more likely than the rejected one, per "
              f"token), and the change {phases[0]} -> {phases[-1]} with its 95% interval over pairs:", "",
              "| pairs | " + " | ".join(f"after {p}" for p in phases) + " | change | pairs |",
              "|---|" + "---|" * (len(phases) + 2)]
-    for label, mode in kinds + [("all", None)]:
-        idx = [i for i, t in enumerate(thinking) if mode is None or t == mode]
+    for label in groups + ["all"]:
+        idx = [i for i, k in enumerate(kinds) if label in ("all", k)]
         accuracy = [sum(pref[p]["wins"][i] for i in idx) / len(idx) for p in phases]
         change = gain_cell([first["wins"][i] for i in idx], [last["wins"][i] for i in idx]) if len(phases) > 1 else ""
-        lines += [f"| {label} | " + " | ".join(f"{a:.3f}" for a in accuracy) + f" | {change} | {len(idx)} |"]
+        lines += [f"| {PAIR_LABELS.get(label, label)} | " + " | ".join(f"{a:.3f}" for a in accuracy) + f" | {change} | {len(idx)} |"]
     return lines + ["| mean log-prob margin | " + " | ".join(f"{pref[p]['mean_margin']:.2f}" for p in phases)
                     + " | | |", ""]
 

@@ -5,8 +5,8 @@
     OUT/meta/caption.json      P1: [{"id", "image", "caption"}]                   (data_format "caption")
     OUT/meta/qa.json           P2/P3: [{"id", "task", "image" | "video_frames", "conversations"}]
     OUT/meta/think.json        P3: as qa, the gpt value is "<think>\\n...\\n</think>\\n\\n" + answer
-    OUT/dpo.jsonl              P4: {"id", "task", visuals, "conversations" (prompt), "chosen", "rejected"}
-                               (a third in thinking mode: a correct trace vs one misreading the image)
+    OUT/dpo.jsonl              P4: {"id", "task", "kind", visuals, "conversations" (prompt), "chosen", "rejected"}
+                               (kinds: see PAIR_KINDS)
     OUT/grpo.jsonl             P5: {"id", "task", visuals, "conversations" (prompt), "answer", "reward"}
     OUT/test.jsonl             held out: {"id", "task", visuals, "question", "conversations", "answer", "metric"}
     OUT/images/<split>/<task>/<id>[_k].png
@@ -29,18 +29,22 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .world import TASKS, Sample, misled_thinking, thinking
+from .world import TASKS, Sample, misled_thinking, thinking, unfaithful_thinking
 
 SPLITS = ("caption", "qa", "think", "dpo", "grpo", "test")
 CAPTIONED = ("count", "attribute", "spatial", "ocr", "chart", "grounding")  # single-image tasks
 PRESETS = {  # samples per task and split
     "ci": {"caption": 3, "qa": 4, "think": 3, "dpo": 2, "grpo": 2, "test": 3},
-    "tiny": {"caption": 400, "qa": 3000, "think": 120, "dpo": 150, "grpo": 300, "test": 200},
+    "tiny": {"caption": 400, "qa": 3000, "think": 120, "dpo": 300, "grpo": 300, "test": 200},
 }
 IMAGE_DIR = "images"
 CAPTION_TEMPLATE = "<image>\nDescribe the image."
 SELF_CORRECT = 1 / 3  # share of thinking traces that catch and fix a slip
-THINKING_PAIRS = 1 / 3  # share of preference pairs in thinking mode (a correct trace vs a misled one)
+# Preference pairs, by kind and share. "answer": the right answer vs a plausible wrong one; "misled": a right
+# trace vs one shaped like it that misreads the image (both need perception to tell apart); "unfaithful": the
+# right trace with its answer vs the same trace followed by the wrong answer (the answer must follow the
+# reasoning). Thinking-mode pairs keep thinking mode alive through DPO.
+PAIR_KINDS = {"unfaithful": 1 / 3, "misled": 1 / 6, "answer": 1 / 2}
 DATASETS = {  # datainfo name -> (split, data_format)
     "synth_caption": ("caption", "caption"),
     "synth_qa": ("qa", "conversation"),
@@ -70,6 +74,15 @@ def fingerprint(image: Image.Image) -> bytes:
     return hashlib.sha1(repr(image.size).encode() + image.tobytes()).digest()
 
 
+def pair_kind(u: float) -> str:
+    """The kind of preference pair a uniform draw u in [0, 1) falls on (PAIR_KINDS in order)."""
+    for kind, share in PAIR_KINDS.items():
+        if u < share:
+            return kind
+        u -= share
+    return kind  # rounding at the top end
+
+
 def record(split: str, sid: str, sample: Sample, paths: list[str], rng: random.Random) -> dict:
     """One line of the split's file, in the official field names."""
     visuals = {"video_frames": paths} if sample.video else {"image": paths[0] if len(paths) == 1 else paths}
@@ -82,10 +95,12 @@ def record(split: str, sid: str, sample: Sample, paths: list[str], rng: random.R
     if split == "think":
         answer = thinking(sample, self_correct=rng.random() < SELF_CORRECT)
         return {**head, "conversations": prompt + [{"from": "gpt", "value": answer}]}
-    if split == "dpo":  # both modes: with answer-only pairs DPO broke thinking mode
-        if rng.random() < THINKING_PAIRS:
-            return {**head, "conversations": prompt, "chosen": thinking(sample), "rejected": misled_thinking(sample)}
-        return {**head, "conversations": prompt, "chosen": sample.answer, "rejected": sample.wrong}
+    if split == "dpo":
+        kind = pair_kind(rng.random())
+        chosen, rejected = {"answer": (sample.answer, sample.wrong),
+                            "misled": (thinking(sample), misled_thinking(sample)),
+                            "unfaithful": (thinking(sample), unfaithful_thinking(sample))}[kind]
+        return {**head, "kind": kind, "conversations": prompt, "chosen": chosen, "rejected": rejected}
     if split == "grpo":
         return {**head, "conversations": prompt, "answer": sample.answer, "reward": sample.metric}
     return {**head, "question": sample.question, "conversations": prompt, "answer": sample.answer,

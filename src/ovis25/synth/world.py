@@ -439,5 +439,11 @@ def misled_thinking(sample: Sample) -> str:
     return think_block(sample.misled, sample.wrong)
 
 
+def unfaithful_thinking(sample: Sample) -> str:
+    """A thinking-mode response whose answer contradicts its own trace: the right steps, then the wrong
+    answer (the rejected side of a faithfulness pair; tiny models answer against their traces this way)."""
+    return think_block(sample.reasoning, sample.wrong)
+
+
 def think_block(steps: list[str], answer: str) -> str:
     return "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + answer

@@ -227,6 +227,40 @@ def test_sampling_is_seeded_and_per_request():
     assert alone.token_ids == a.token_ids
 
 
+def test_requests_sharing_a_pixel_tensor_encode_it_once():
+    """GRPO's groups and sampled evaluation give one prompt's tensors to several requests: the visual tokenizer
+    runs on them once, and every request decodes as it would with a copy of its own."""
+    entry = next(e for e in CHAT_CASES if fixture(e["path"])[1].get("pixel_values") is not None)
+    case, tensors = fixture(entry["path"])
+    chat = chat_for(entry["model"])
+    config = reference_config(case["call"])
+    shared = [prompt_of(tensors)] * 3
+    copies = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in prompt_of(tensors).items()}
+              for _ in range(3)]
+    seen = []
+    hook = chat.model.visual_tokenizer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        together, apart = run(chat, shared, [config] * 3), run(chat, copies, [config] * 3)
+    finally:
+        hook.remove()
+    assert seen == [tensors["pixel_values"].shape[0], 3 * tensors["pixel_values"].shape[0]]
+    for a, b in zip(together, apart):
+        check_result(a, case)
+        assert a.token_ids == b.token_ids
+
+
+def test_generate_batch_n_replies_per_conversation():
+    chat = chat_for(MODELS[0])
+    sampled = dict(max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
+    convs = ["Tell me a story about a fox.", "Hi"]
+    replies = chat.generate_batch(convs, n=3, **sampled)
+    assert len(replies) == 6
+    singles = [chat.generate_batch([c], **sampled)[0] for c in convs]
+    assert [r.token_ids for r in replies[::3]] == [r.token_ids for r in singles]  # same seed: same sample
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        chat.generate_batch(convs, n=0)
+
+
 def test_top_k_1_and_zero_temperature_equal_greedy():
     chat = chat_for(MODELS[0])
     prompt = text_prompt(chat)

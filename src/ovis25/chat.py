@@ -60,8 +60,12 @@ class Chat:
         return self.generate_batch([conversation], [images], [videos], **options)[0]
 
     def generate_batch(self, conversations: Sequence[Conversation], images: Sequence | None = None,
-                       videos: Sequence | None = None, **options: Any) -> list[GenerationResult]:
-        """Several replies decoded together; `images`/`videos` hold one entry (a list or None) per conversation."""
+                       videos: Sequence | None = None, n: int = 1, **options: Any) -> list[GenerationResult]:
+        """Several replies decoded together; `images`/`videos` hold one entry (a list or None) per conversation.
+        n: replies per conversation (for sampling), each conversation's n in a row; its media are prepared and
+        encoded once."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
         images = images if images is not None else [None] * len(conversations)
         videos = videos if videos is not None else [None] * len(conversations)
         if not len(images) == len(videos) == len(conversations):
@@ -70,6 +74,7 @@ class Chat:
         config, pixels = self._options(options)
         prompts = [self._prompt(c, i, v, config.enable_thinking, **pixels)
                    for c, i, v in zip(conversations, images, videos)]
+        prompts = [p for p in prompts for _ in range(n)]
         return self._engine_for(prompts, config).generate(prompts, config)
 
     def stream(self, conversation: Conversation, images: Sequence | None = None, videos: Sequence | None = None,

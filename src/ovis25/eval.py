@@ -134,17 +134,18 @@ def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: f
     (n: answers; item_rewards: each item's mean, in item order, for `paired_gain`). What GRPO maximises, on
     held-out prompts: the item's metric as a reward (`iou` continuous, not a hit)."""
     import torch
-    repeated = [it for it in items for _ in range(samples)]
     scores: dict[str, list[float]] = {}
+    per_batch = max(1, batch_size // samples)
     with torch.random.fork_rng(devices=[]):  # the engine samples from the global generator: seed it, then restore
         torch.manual_seed(seed)
-        for start in range(0, len(repeated), batch_size):
-            chunk = repeated[start:start + batch_size]
+        for start in range(0, len(items), per_batch):
+            chunk = items[start:start + per_batch]
             results = chat.generate_batch([it.conversations for it in chunk],
                                           images=[it.images or None for it in chunk],
-                                          videos=[[it.video] if it.video else None for it in chunk], do_sample=True,
-                                          temperature=temperature, max_new_tokens=max_new_tokens, **pixels)
-            for it, res in zip(chunk, results):
+                                          videos=[[it.video] if it.video else None for it in chunk], n=samples,
+                                          do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
+                                          **pixels)
+            for it, res in zip([it for it in chunk for _ in range(samples)], results):
                 scores.setdefault(it.task, []).append(REWARDS[it.metric]("", res.text, it.answer))
     return {task: {"reward": sum(v) / len(v), "n": len(v),
                    "item_rewards": [sum(v[i:i + samples]) / samples for i in range(0, len(v), samples)]}

@@ -417,13 +417,20 @@ class Engine:
         return linear(hidden, self.model.llm.lm_head)[0].float()
 
     def _prefill(self, reqs: list[_Request]) -> torch.Tensor:
-        """All new prompts in one packed forward; the vision encoder sees all their images at once."""
+        """All new prompts in one packed forward; the vision encoder sees all their images at once, and once per
+        pixel tensor: requests given the same tensor (samples of one prompt, GRPO's groups) share its encoding."""
         ids = torch.cat([r.prompt for r in reqs])[None].to(self.device)
         visual = [r for r in reqs if r.pixel_values is not None]
-        pixel_values = torch.cat([r.pixel_values for r in visual]).to(self.device, self.cache.k[0].dtype) \
-            if visual else None
-        grid_thws = torch.cat([torch.as_tensor(r.grid_thws) for r in visual]).to(self.device) if visual else None
-        embeds = self.model.merge_embeddings(ids, pixel_values, grid_thws)
+        visual_embeds = None
+        if visual:
+            unique = list({id(r.pixel_values): r for r in visual}.values())
+            pixel_values = torch.cat([r.pixel_values for r in unique]).to(self.device, self.cache.k[0].dtype)
+            grid_thws = torch.cat([torch.as_tensor(r.grid_thws) for r in unique]).to(self.device)
+            encoded = self.model.visual_embeddings(pixel_values, grid_thws)  # (atoms of the unique requests, H)
+            atoms = [int((r.prompt == VISUAL_ATOM_ID).sum()) for r in unique]
+            by_tensor = dict(zip((id(r.pixel_values) for r in unique), encoded.split(atoms)))
+            visual_embeds = torch.cat([by_tensor[id(r.pixel_values)] for r in visual])
+        embeds = self.model.merge_embeddings(ids, visual_embeds=visual_embeds)
         lengths = [r.prompt.numel() for r in reqs]
         hidden = self._forward_packed(embeds, lengths, reqs)
         self.stats.prefill_calls += 1

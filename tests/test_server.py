@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, run for real on a loopback port and called with the official `openai`
 client (and raw HTTP for malformed requests): parity with Chat.generate, streaming, thinking, n, stop,
 limits and errors, concurrency, queue limits and client disconnects."""
+import asyncio
 import base64
 import http.client
 import http.server
@@ -644,3 +645,19 @@ def test_worker_survives_a_failing_engine():
                                                             "generation failed: RuntimeError: out of memory"]
     finally:
         worker.stop()
+
+
+def test_waiter_deadline_ends_in_a_timeout_event():
+    """A request that gets no engine event before its deadline must get the timeout event from the very
+    wait that ran out (it once came back as a quiet (None, None), which the stream took for an event)."""
+    from ovis25.serve.app import _Waiter
+
+    async def scenario():
+        waiter = _Waiter(0.05)
+        quiet = await waiter.next(poll=0.01)  # a poll shorter than the time left: nothing happened yet
+        kind, error = await waiter.next()  # waits out the deadline itself
+        return quiet, kind, error
+
+    quiet, kind, error = asyncio.run(scenario())
+    assert quiet == (None, None)
+    assert kind == "timeout" and error.status == 504 and "--request-timeout=0.05 s" in str(error.body())

@@ -214,17 +214,21 @@ class _Waiter:
         """The next event; (None, None) after `poll` seconds without one; ("timeout", APIError) once the
         deadline has passed."""
         loop = asyncio.get_running_loop()
-        wait = poll
+        wait, until_deadline = poll, False
         if self.deadline is not None:
             left = self.deadline - loop.time()
             if left <= 0:
-                return "timeout", APIError(504, f"the request did not finish within the server's --request-timeout="
-                                                f"{self.timeout:g} s and was stopped", None, "request_timeout")
-            wait = left if poll is None else min(poll, left)
+                return self._timed_out()
+            until_deadline = poll is None or left <= poll
+            wait = left if until_deadline else poll
         try:
             return await asyncio.wait_for(self.events.get(), wait)
-        except asyncio.TimeoutError:
-            return None, None
+        except asyncio.TimeoutError:  # the deadline's own wait running out is the timeout, not a quiet poll
+            return self._timed_out() if until_deadline else (None, None)
+
+    def _timed_out(self) -> tuple[str, APIError]:
+        return "timeout", APIError(504, f"the request did not finish within the server's --request-timeout="
+                                        f"{self.timeout:g} s and was stopped", None, "request_timeout")
 
 
 def _event_error(kind: str | None, payload: object) -> APIError | None:

@@ -46,10 +46,9 @@ def score(model_dir: Path, pairs: list[dict], image_dir: Path) -> dict:
 
 
 def by_kind(base: dict, after: dict) -> dict:
-    from ovis25.eval import paired_gain
+    from ovis25.eval import paired_gain, pairs_by_kind
     out = {}
-    for kind in sorted(set(base["kinds"])) + ["all"]:
-        idx = [i for i, k in enumerate(base["kinds"]) if kind in ("all", k)]
+    for kind, idx in pairs_by_kind(base["kinds"]).items():
         before, now = [base["wins"][i] for i in idx], [after["wins"][i] for i in idx]
         gain, half = paired_gain(before, now)
         out[kind] = {"pairs": len(idx), "before": sum(before) / len(idx), "after": sum(now) / len(idx),

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .chat import Chat
-from .eval import evaluate, format_table, load_items, preference_accuracy, sampled_reward
+from .eval import evaluate, format_table, load_items, pairs_by_kind, preference_accuracy, sampled_reward
 from .report import write_report
 
 log = logging.getLogger("ovis25.demo")
@@ -178,10 +178,10 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
             preference[phase] = preference_accuracy(
                 Ovis.from_pretrained(final), Processor.from_pretrained(final), held_pairs, world / "images", **PIXELS)
             (run / "preference.json").write_text(json.dumps(preference, indent=2))
-            pref = preference[phase]
-            by_kind = {k: [w for w, kk in zip(pref["wins"], pref["kinds"]) if kk == k] for k in dict.fromkeys(pref["kinds"])}
-            print(f"preference accuracy on {len(held_pairs)} held-out pairs after {phase}: {pref['accuracy']:.2f} ("
-                  + ", ".join(f"{k} {sum(w) / len(w):.2f}" for k, w in by_kind.items()) + ")")
+            wins = preference[phase]["wins"]
+            print(f"preference accuracy on {len(held_pairs)} held-out pairs after {phase}: " + ", ".join(
+                f"{k} {sum(wins[i] for i in idx) / len(idx):.2f}"
+                for k, idx in pairs_by_kind(preference[phase]["kinds"]).items()))
             print(f"\n== after {phase}\n" + format_table({k: v for k, v in results.items() if k.startswith(phase)}))
         timings["evaluation"] += time.perf_counter() - t0
         write_timings(run, timings)

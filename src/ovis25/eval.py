@@ -128,6 +128,15 @@ def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **
                                     for pair in pairs]}
 
 
+def pairs_by_kind(kinds: list[str]) -> dict[str, list[int]]:
+    """Indices of the pairs of each kind (in order of first appearance), then "all": the groups that
+    preference accuracy is reported over (`preference_accuracy`'s "kinds")."""
+    groups: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        groups.setdefault(kind, []).append(i)
+    return {**groups, "all": list(range(len(kinds)))}
+
+
 def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: float = 1.0, max_new_tokens: int = 32,
                    seed: int = 0, batch_size: int = 64, **pixels) -> dict[str, dict]:
     """The mean reward of `samples` sampled answers per item, per task -> {task: {"reward", "n", "item_rewards"}}

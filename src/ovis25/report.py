@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .eval import format_table, paired_gain
+from .eval import format_table, paired_gain, pairs_by_kind
 from .grounding import draw_grounding, parse_boxes
 
 
@@ -113,18 +113,19 @@ def preference_table(pref: dict) -> list[str]:
     """Preference accuracy after each phase, by kind of pair, with the first -> last change."""
     phases = list(pref)
     first, last = pref[phases[0]], pref[phases[-1]]
-    kinds = first["kinds"]
-    groups = sorted(set(kinds), key=lambda k: list(PAIR_LABELS).index(k) if k in PAIR_LABELS else len(PAIR_LABELS))
-    groups = groups if len(groups) > 1 else []
+    groups = pairs_by_kind(first["kinds"])
+    rank = {k: i for i, k in enumerate([*PAIR_LABELS, "all"])}  # unknown kinds just before "all"
+    groups = {k: groups[k] for k in sorted(groups, key=lambda k: rank.get(k, len(PAIR_LABELS) - 0.5))
+              if len(groups) > 2 or k == "all"}  # one kind only: its row would repeat "all"
     lines = [f"Preference accuracy (held-out DPO pairs: the chosen response more likely than the rejected one, per "
              f"token), and the change {phases[0]} -> {phases[-1]} with its 95% interval over pairs:", "",
              "| pairs | " + " | ".join(f"after {p}" for p in phases) + " | change | pairs |",
              "|---|" + "---|" * (len(phases) + 2)]
-    for label in groups + ["all"]:
-        idx = [i for i, k in enumerate(kinds) if label in ("all", k)]
+    for label, idx in groups.items():
         accuracy = [sum(pref[p]["wins"][i] for i in idx) / len(idx) for p in phases]
         change = gain_cell([first["wins"][i] for i in idx], [last["wins"][i] for i in idx]) if len(phases) > 1 else ""
-        lines += [f"| {PAIR_LABELS.get(label, label)} | " + " | ".join(f"{a:.3f}" for a in accuracy) + f" | {change} | {len(idx)} |"]
+        lines += [f"| {PAIR_LABELS.get(label, label)} | " + " | ".join(f"{a:.3f}" for a in accuracy)
+                  + f" | {change} | {len(idx)} |"]
     return lines + ["| mean log-prob margin | " + " | ".join(f"{pref[p]['mean_margin']:.2f}" for p in phases)
                     + " | | |", ""]
 

@@ -97,9 +97,11 @@ def record(split: str, sid: str, sample: Sample, paths: list[str], rng: random.R
         return {**head, "conversations": prompt + [{"from": "gpt", "value": answer}]}
     if split == "dpo":
         kind = pair_kind(rng.random())
-        chosen, rejected = {"answer": (sample.answer, sample.wrong),
-                            "misled": (thinking(sample), misled_thinking(sample)),
-                            "unfaithful": (thinking(sample), unfaithful_thinking(sample))}[kind]
+        if kind == "answer":
+            chosen, rejected = sample.answer, sample.wrong
+        else:
+            chosen = thinking(sample)
+            rejected = misled_thinking(sample) if kind == "misled" else unfaithful_thinking(sample)
         return {**head, "kind": kind, "conversations": prompt, "chosen": chosen, "rejected": rejected}
     if split == "grpo":
         return {**head, "conversations": prompt, "answer": sample.answer, "reward": sample.metric}

@@ -1,7 +1,8 @@
 """Learning curves of the demo's tiny Ovis on one synthetic task at a time: can this size reach the targets?
 
     python benchmarks/demo_curves.py [--run runs/demo] [--tasks count,attribute,ocr,chart,grounding]
-                                     [--questions 12000] [--eval-every 150] [--test 200]
+                                     [--questions 12000] [--eval-every 150] [--test 200] [--out NAME]
+                                     [key=value ...]   # overrides of the P2 recipe
 
 For each task: a world of that task alone (`--questions` fresh training questions, `--test` held-out ones),
 then the P2 recipe (recipes/tiny/p2.toml, one epoch) from the demo's P1 checkpoint (`RUN/p1/final`: the
@@ -12,7 +13,7 @@ a lower bound on what a run of that length would reach.
 
 In the demo's P2 each task gets 1/8 of the steps; here it gets all of them, so a curve shows whether a target
 is out of reach for the model size or only for the demo's 15-minute budget. Prints a table and writes
-benchmarks/results/demo_curves.json and demo_curves.png.
+benchmarks/results/NAME.json and NAME.png (NAME: demo_curves unless --out says otherwise).
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def score(model, processor, items) -> dict:
     return next(iter(summary.values()))
 
 
-def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eval_every: int, seed: int) -> list:
+def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eval_every: int, seed: int,
+               overrides: list[str] = ()) -> list:
     from ovis25.eval import load_items
     from ovis25.model import Ovis
     from ovis25.processing import Processor
@@ -61,9 +63,11 @@ def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eva
     build_world(world, seed=seed, sizes={"qa": questions, "test": test}, tokenizer=False, tasks=[task])
     run = work / task / "run"
     t0 = time.perf_counter()
-    train(load_recipe(ROOT / "recipes" / "tiny" / "p2.toml", [
+    cfg = load_recipe(ROOT / "recipes" / "tiny" / "p2.toml", [
         f'init="{init}"', f'out_dir="{run}"', f'datainfo="{world / "datainfo.json"}"', f"seed={seed}", "epochs=1",
-        f"save_every={eval_every}", "keep_last=1000"]))
+        f"save_every={eval_every}", "keep_last=1000", *overrides])
+    cfg.max_steps = None  # one pass over this task's questions, whatever the demo's P2 stops at
+    train(cfg)
     train_s = time.perf_counter() - t0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     total = max(m["step"] for m in metrics if "step" in m)
@@ -121,22 +125,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test", type=int, default=200, help="held-out questions per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "curves")
+    ap.add_argument("--out", default="demo_curves", help="name of the result files in benchmarks/results")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe, e.g. train_modules=...")
     args = ap.parse_args(argv)
     init = args.run / "p1" / "final"
     if not (init / "config.json").exists():
         sys.exit(f"{init}: no P1 checkpoint; run `make demo` first (or pass --run)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {"init": str(init), "questions": args.questions, "test": args.test, "threads": torch.get_num_threads(),
-               "curves": {}}
+               "overrides": args.overrides, "curves": {}}
     for task in args.tasks.split(","):
         results["curves"][task] = task_curve(task, init, args.work, args.questions, args.test, args.eval_every,
-                                             args.seed)
+                                             args.seed, args.overrides)
         print(render({"curves": {task: results["curves"][task]}}), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "demo_curves.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS / "demo_curves.png")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / f"{args.out}.png")
     print(render(results))
-    print(f"\nwrote {RESULTS / 'demo_curves.json'} and {RESULTS / 'demo_curves.png'}")
+    print(f"\nwrote {RESULTS / args.out}.json and .png")
 
 
 if __name__ == "__main__":

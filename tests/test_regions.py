@@ -77,13 +77,42 @@ def test_vision_pretraining_lowers_the_loss(tmp_path):
     init = write_model_dir(tmp_path / "init", tmp_path / "world" / "tokenizer", seed=0)
     cfg = VisionPretrainConfig(steps=40, batch_images=8, scenes_per_task=4, test_scenes_per_task=2)
     final = pretrain_visual_tokenizer(init, tmp_path / "p0v", seed=0, cfg=cfg, progress=False)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "p0v" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss_above_floor"]
+              for line in (tmp_path / "p0v" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 40 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     accuracy = json.loads((tmp_path / "p0v" / "token_accuracy.json").read_text())
     assert set(accuracy) == set(TASKS) and all(0 <= a["objects"] <= 1 for a in accuracy.values())
+    assert all(0 <= a["position_error"] <= 1 for a in accuracy.values())
     # only the visual tokenizer changed
     from ovis25 import Ovis
     before, after = Ovis.from_pretrained(init).state_dict(), Ovis.from_pretrained(final).state_dict()
     changed = {k for k in before if not (before[k] == after[k]).all()}
     assert changed and all(k.startswith("visual_tokenizer.") for k in changed)
     assert labelled_images(Processor.from_pretrained(final), cfg, 0, "test", 1)  # the geometry still matches
+
+
+def test_position_words_say_where_each_token_is():
+    """Column and row words split softly between the two nearest bins, so reading them back gives the
+    token's place (clamped to the outer bin centres); every target is a distribution led by the class."""
+    import torch
+
+    from ovis25.synth.regions import (COLUMN_WORDS, POSITION_BINS, ROW_WORDS, read_positions, soft_bins,
+                                      token_positions, token_targets)
+    x = torch.rand(200)
+    weights = soft_bins(x)
+    assert torch.allclose(weights.sum(-1), torch.ones(200)) and (weights >= 0).all()
+    assert ((weights > 0).sum(-1) <= 2).all()
+    edge = 0.5 / POSITION_BINS
+    assert torch.allclose(weights @ ((torch.arange(POSITION_BINS) + 0.5) / POSITION_BINS), x.clamp(edge, 1 - edge),
+                          atol=1e-6)
+    grids = torch.tensor([[1, 4, 6], [2, 2, 2]])  # a 2x3-token image, then two frames of one token
+    pos = token_positions(grids)
+    assert torch.allclose(pos, torch.tensor([[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25], [1 / 6, 0.75], [0.5, 0.75],
+                                             [5 / 6, 0.75], [0.5, 0.5], [0.5, 0.5]]))
+    labels = torch.tensor([0, 3, 5, 0, 1, 2, 7, 7])
+    target = token_targets(labels, grids, 252, 0.2)
+    assert torch.allclose(target.sum(-1), torch.ones(8))
+    assert (target.argmax(-1) == labels).all() and target[:, COLUMN_WORDS].sum(-1).allclose(torch.full((8,), 0.2))
+    assert target[:, ROW_WORDS].sum(-1).allclose(torch.full((8,), 0.2))
+    assert torch.allclose(read_positions(target), pos.clamp(edge, 1 - edge), atol=1e-6)
+    assert token_targets(labels, grids, 252, 0.0).equal(torch.nn.functional.one_hot(labels, 252).float())

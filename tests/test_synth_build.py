@@ -45,9 +45,11 @@ def all_rows(world: Path):
             yield split, row
 
 
-def test_same_seed_byte_identical(world, tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_same_seed_byte_identical(world, tmp_path, workers):
+    """Whatever the number of processes drawing the streams."""
     again = tmp_path / "again"
-    build_world(again, seed=0, sizes="ci")
+    build_world(again, seed=0, sizes="ci", workers=workers)
     a, b = files(world), files(again)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []

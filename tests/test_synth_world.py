@@ -210,3 +210,24 @@ def test_misled_trace_reasons_consistently_to_the_wrong_answer(task):
 def test_same_stream_same_samples():
     a, b = TASKS["chart"](random.Random(3)), TASKS["chart"](random.Random(3))
     assert a.answer == b.answer and a.images[0].tobytes() == b.images[0].tobytes()
+
+
+@pytest.mark.parametrize("task", ["count", "attribute", "spatial", "grounding"])
+def test_captions_say_what_and_where_as_the_pixels_do(task):
+    """A scene caption lists every object with the third of the image its centre lies in; each listed
+    object is a blob of that colour and shape found in the pixels, centred in that third."""
+    rng = random.Random(f"caption/{task}")
+    for _ in range(N):
+        s = TASKS[task](rng)
+        image = s.images[0]
+        what, where = s.caption.split(": ")
+        listed = re.findall(r"a (\w+) (circle|square|triangle) at the ([a-z ]+?)(?:,|$)", where)
+        blobs = objects(image)
+        assert what and sorted((c, sh) for c, sh, _ in listed) == sorted((o["color"], o["shape"]) for o in blobs)
+        for color, shape, place in listed:
+            words = place.split()
+            want_row = 0 if "top" in words else 2 if "bottom" in words else 1
+            want_col = 0 if "left" in words else 2 if "right" in words else 1
+            assert any(o["color"] == color and o["shape"] == shape
+                       and min(2, int(3 * o["center"][0] / image.width)) == want_col
+                       and min(2, int(3 * o["center"][1] / image.height)) == want_row for o in blobs), (s.caption,)

@@ -139,8 +139,12 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
     if (run / "p0v" / "token_accuracy.json").exists():
         vision = json.loads((run / "p0v" / "token_accuracy.json").read_text())
         lines += ["## Vision pretraining (P0v): held-out visual-token accuracy", "",
-                  "| task | all tokens | tokens showing something |", "|---|---|---|"]
-        lines += [f"| {task} | {a['tokens']:.2f} | {a['objects']:.2f} |" for task, a in vision.items()] + [""]
+                  "Class accuracy, and how far (in image widths and heights) the position words put a token "
+                  "from where it is.", "",
+                  "| task | all tokens | tokens showing something | position error |", "|---|---|---|---|"]
+        lines += [f"| {task} | {a['tokens']:.2f} | {a['objects']:.2f} | "
+                  + (f"{a['position_error']:.3f} |" if "position_error" in a else "- |") for task, a in vision.items()]
+        lines += [""]
     lines += ["## Accuracy per task (held out)", "", format_table(results), ""]
     if (run / "preference.json").exists():
         lines += preference_table(json.loads((run / "preference.json").read_text()))

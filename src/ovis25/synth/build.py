@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -118,13 +120,49 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def build_part(tmp: Path, seed: int, split: str, task: str, n: int, avoid: frozenset[bytes]
+               ) -> tuple[list[dict], set[bytes], int]:
+    """The `n` samples of one (split, task) stream, their images written under `tmp` -> (rows, fingerprints
+    of their images, images written). A sample with an image in `avoid` is drawn again."""
+    rng = task_rng(seed, split, task)
+    rows, seen, n_images = [], set(), 0
+    for i in range(n):
+        sample = TASKS[task](rng)
+        keys = [fingerprint(im) for im in sample.images]
+        while any(k in avoid for k in keys):
+            sample = TASKS[task](rng)
+            keys = [fingerprint(im) for im in sample.images]
+        seen.update(keys)
+        sid = f"{split}-{task}-{i:05d}"
+        paths = [f"{split}/{task}/{sid}.png"] if len(sample.images) == 1 else \
+                [f"{split}/{task}/{sid}_{k}.png" for k in range(len(sample.images))]
+        for image, path in zip(sample.images, paths):
+            (tmp / IMAGE_DIR / path).parent.mkdir(parents=True, exist_ok=True)
+            image.save(tmp / IMAGE_DIR / path, format="PNG", compress_level=1)  # flat colours: fast zlib does
+        n_images += len(paths)
+        rows.append(record(split, sid, sample, paths, rng))
+    return rows, seen, n_images
+
+
+def run_parts(jobs: list[tuple], workers: int) -> Iterator[tuple[list[dict], set[bytes], int]]:
+    """`build_part(*job)` for every job, in order; on `workers` processes when there is more than one."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from (build_part(*job) for job in jobs)
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        yield from (future.result() for future in [pool.submit(build_part, *job) for job in jobs])
+
+
 def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", tokenizer: bool = True,
-                progress: bool = False, tasks: Sequence[str] | None = None) -> dict:
+                progress: bool = False, tasks: Sequence[str] | None = None, workers: int | None = None) -> dict:
     """Generate every split, write it under `out_dir` (replacing a previous world there) and return the
     manifest that is also written to `out_dir/world.json`. `sizes` is a preset name or {split: samples per
     task}; `tokenizer` also trains the world's BPE into `out_dir/tokenizer`; `tasks` limits the world to
-    those tasks (each task draws from its own stream, so its samples are the same as in a full world)."""
+    those tasks (each task draws from its own stream, so its samples are the same as in a full world);
+    `workers` processes draw the streams (default: one per CPU; the files are the same for any number)."""
     sizes = resolve_sizes(sizes)
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     tasks = list(TASKS) if tasks is None else list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -139,30 +177,22 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", 
             if sizes[split] and (split != "caption" or task in CAPTIONED)]
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
-    train_images: set[bytes] = set()
     n_images = 0
     with tqdm(total=sum(sizes[s] for s, _ in plan), desc="synthetic world", unit="sample",
               disable=not progress) as bar:
-        for split, task in plan:
-            rng = task_rng(seed, split, task)
-            for i in range(sizes[split]):
-                sample = TASKS[task](rng)
-                keys = [fingerprint(im) for im in sample.images]
-                while split == "test" and any(k in train_images for k in keys):
-                    sample = TASKS[task](rng)
-                    keys = [fingerprint(im) for im in sample.images]
+        train_images: set[bytes] = set()
+        # the test streams go last: none of their images may equal a training image
+        for stage in ([p for p in plan if p[0] != "test"], [p for p in plan if p[0] == "test"]):
+            avoid = frozenset(train_images)
+            jobs = [(tmp, seed, split, task, sizes[split], avoid if split == "test" else frozenset())
+                    for split, task in stage]
+            for (split, task), (part, keys, images) in zip(stage, run_parts(jobs, workers)):
+                rows[split] += part
+                counts[split][task] = len(part)
                 if split != "test":
-                    train_images.update(keys)
-                sid = f"{split}-{task}-{i:05d}"
-                paths = [f"{split}/{task}/{sid}.png"] if len(sample.images) == 1 else \
-                        [f"{split}/{task}/{sid}_{k}.png" for k in range(len(sample.images))]
-                for image, path in zip(sample.images, paths):
-                    (tmp / IMAGE_DIR / path).parent.mkdir(parents=True, exist_ok=True)
-                    image.save(tmp / IMAGE_DIR / path, format="PNG", compress_level=1)  # flat colours: fast zlib does
-                n_images += len(paths)
-                rows[split].append(record(split, sid, sample, paths, rng))
-                counts[split][task] = i + 1
-                bar.update()
+                    train_images |= keys
+                n_images += images
+                bar.update(len(part))
 
     datainfo = {}
     for name, (split, data_format) in DATASETS.items():

@@ -22,7 +22,7 @@ from ..model import Ovis
 from ..processing import Processor
 from ..train.trainer import lr_lambda
 from .build import task_rng
-from .regions import token_labels
+from .regions import CLASSES, read_positions, token_labels, token_positions, token_targets
 from .world import TASKS
 
 log = logging.getLogger("ovis25.synth.pretrain")
@@ -42,6 +42,8 @@ class VisionPretrainConfig:
     single: tuple[int, int] = (64 * 64, 160 * 160)
     multiple: tuple[int, int] = (64 * 64, 128 * 128)
     video: tuple[int, int] = (32 * 32, 96 * 96)
+    # the share of each target distribution on the token's column word and again on its row word
+    position_weight: float = 0.2
 
 
 @dataclass
@@ -78,15 +80,18 @@ def collate(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def token_accuracy(model: Ovis, items: list[Item]) -> dict[str, dict[str, float]]:
-    """Per task: accuracy over all visual tokens and over the tokens that show something."""
+    """Per task: class accuracy over all visual tokens and over the tokens that show something, and the mean
+    distance (in image widths / heights) between where the position words put a token and where it is."""
     vt = model.visual_tokenizer.eval()
     out = {}
     for task in TASKS:
         pixel_values, grids, labels = collate([i for i in items if i.task == task])
-        pred = vt.head_logits(vt.vit(pixel_values, grids)).argmax(-1)
-        shown = labels > 0
+        logits = vt.head_logits(vt.vit(pixel_values, grids))
+        pred, shown = logits[:, :len(CLASSES)].argmax(-1), labels > 0
+        error = (read_positions(logits.softmax(-1)) - token_positions(grids, vt.config.hidden_stride)).abs().mean()
         out[task] = {"tokens": round((pred == labels).float().mean().item(), 4),
-                     "objects": round((pred[shown] == labels[shown]).float().mean().item(), 4)}
+                     "objects": round((pred[shown] == labels[shown]).float().mean().item(), 4),
+                     "position_error": round(error.item(), 4)}
     vt.train()
     return out
 
@@ -124,13 +129,17 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
         # tasks are drawn evenly, so the many frames of a video do not crowd out text and charts
         tasks = rng.choices(list(by_task), k=cfg.batch_images)
         pixel_values, grids, labels = collate([rng.choice(by_task[t]) for t in tasks])
-        loss = F.cross_entropy(vt.head_logits(vt.vit(pixel_values, grids)), labels)
+        logits = vt.head_logits(vt.vit(pixel_values, grids))
+        target = token_targets(labels, grids, logits.shape[-1], cfg.position_weight, processor.hidden_stride)
+        loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        metrics.write(json.dumps({"step": step, "loss": loss.item(), "lr": cfg.lr * scale,
-                                  "grad_norm": grad_norm.item()}) + "\n")
+        # the loss cannot fall below the targets' own entropy: what is left above it is what can be learned
+        floor = -(target * target.clamp_min(1e-12).log()).sum(-1).mean()
+        metrics.write(json.dumps({"step": step, "loss": loss.item(), "loss_above_floor": (loss - floor).item(),
+                                  "lr": cfg.lr * scale, "grad_norm": grad_norm.item()}) + "\n")
         bar.set_postfix(loss=f"{loss.item():.3f}")
     metrics.close()
     accuracy = token_accuracy(model, test)

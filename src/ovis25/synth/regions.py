@@ -7,11 +7,17 @@ name the region under each visual token, using the generator's own scene descrip
 or the centre of a (colour, shape) object, a character, a bar, the axis. The head's existing softmax over
 the visual vocabulary is the classifier, so after this phase each visual word means something and P1 only
 has to learn its embedding. No question or answer is used.
+
+A SigLIP2 token also knows where in the image it is. Class labels alone teach none of that (a linear probe
+on the visual embeddings read a token's place no better than guessing the mean), so each target
+distribution also puts some weight on words for the token's column and row (`token_targets`): the visual
+embedding becomes what the token shows plus where it is.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..processing.image import smart_resize
@@ -22,6 +28,11 @@ CLASSES = (["background"] + [f"{c} {s}" for c in COLORS for s in SHAPES]
            + [f"{c} {s} centre" for c in COLORS for s in SHAPES]
            + [f"character {ch}" for ch in CHARACTERS] + [f"{c} bar" for c in COLORS] + ["axis"])
 CLASS = {name: i for i, name in enumerate(CLASSES)}
+# Where a token is: after the classes, POSITION_BINS visual words for its column and as many for its row,
+# relative to the image (0 = left/top edge, 1 = right/bottom), softly split between the two nearest bins.
+POSITION_BINS = 8
+COLUMN_WORDS = range(len(CLASSES), len(CLASSES) + POSITION_BINS)
+ROW_WORDS = range(COLUMN_WORDS.stop, COLUMN_WORDS.stop + POSITION_BINS)
 MIN_SHARE = 1 / 16  # a token is labelled with a class covering at least this share of its region
 # Characters are small: one outweighs the bar or axis it shares a token with.
 PRIORITY = np.array([4 if name.startswith("character") else 1 for name in CLASSES])
@@ -99,3 +110,46 @@ def token_labels(sample: Sample, min_pixels: int, max_pixels: int, patch_size: i
             labels[row * (w // cell) + col] = object_class(obj, centre=True)
         out.append(torch.from_numpy(labels))
     return torch.cat(out)
+
+
+def soft_bins(x: torch.Tensor, bins: int = POSITION_BINS) -> torch.Tensor:
+    """(n,) positions in [0, 1] -> (n, bins) weights on bin centres (k + 0.5) / bins, linear between the two
+    nearest (so the weighted mean of the centres is x, clamped to the outer centres)."""
+    at = (x * bins - 0.5).clamp(0, bins - 1)
+    low = at.floor().long().clamp(max=bins - 2) if bins > 1 else at.floor().long()
+    frac = at - low
+    out = torch.zeros(len(x), bins)
+    out.scatter_(1, low[:, None], (1 - frac)[:, None])
+    if bins > 1:
+        out.scatter_add_(1, (low + 1)[:, None], frac[:, None])
+    return out
+
+
+def token_positions(grid_thws: torch.Tensor, hidden_stride: int = 2) -> torch.Tensor:
+    """(tokens, 2) relative (x, y) of every visual token's centre, in the tokenizer's atom order: image by
+    image (each frame of a video in turn), tokens row-major."""
+    out = []
+    for t, h, w in grid_thws.tolist():
+        rows, cols = h // hidden_stride, w // hidden_stride
+        y, x = torch.meshgrid((torch.arange(rows) + 0.5) / rows, (torch.arange(cols) + 0.5) / cols, indexing="ij")
+        out.append(torch.stack([x.reshape(-1), y.reshape(-1)], 1).repeat(t, 1))
+    return torch.cat(out)
+
+
+def read_positions(probs: torch.Tensor, bins: int = POSITION_BINS) -> torch.Tensor:
+    """(tokens, vocab) visual-token distributions -> (tokens, 2) the (x, y) their column and row words say."""
+    centres = (torch.arange(bins) + 0.5) / bins
+    cols, rows = probs[:, COLUMN_WORDS], probs[:, ROW_WORDS]
+    return torch.stack([cols @ centres / cols.sum(-1).clamp_min(1e-9), rows @ centres / rows.sum(-1).clamp_min(1e-9)], 1)
+
+
+def token_targets(labels: torch.Tensor, grid_thws: torch.Tensor, vocab: int, position_weight: float,
+                  hidden_stride: int = 2) -> torch.Tensor:
+    """(tokens, vocab) target distributions: the region class with weight 1 - 2 * position_weight, the column
+    and row words with position_weight each, so a visual embedding is what the token shows plus where it is."""
+    target = F.one_hot(labels, vocab).float() * (1 - 2 * position_weight)
+    if position_weight:
+        pos = token_positions(grid_thws, hidden_stride)
+        target[:, COLUMN_WORDS] += position_weight * soft_bins(pos[:, 0])
+        target[:, ROW_WORDS] += position_weight * soft_bins(pos[:, 1])
+    return target

@@ -100,6 +100,18 @@ def describe(objs: list[Obj]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def place_name(obj: Obj, size: tuple[int, int]) -> str:
+    """Where an object's centre lies in thirds of the image: 'top left', 'top', ..., 'centre', ..., 'bottom right'."""
+    col, row = (min(2, int(3 * c / side)) for c, side in zip(obj.center, size))
+    vertical, horizontal = ("top", "", "bottom")[row], ("left", "", "right")[col]
+    return " ".join(w for w in (vertical, horizontal) if w) or "centre"
+
+
+def scene_caption(objs: list[Obj], size: tuple[int, int]) -> str:
+    """'two red circles and a blue square: a red circle at the top left, ...': what, then where."""
+    return describe(objs) + ": " + ", ".join(f"a {o.name} at the {place_name(o, size)}" for o in objs)
+
+
 def draw_obj(draw: ImageDraw.ImageDraw, obj: Obj, fill: tuple[int, ...] | int | None = None) -> None:
     """Draw `obj` in its colour, or in `fill` (a label map draws class ids with the same geometry)."""
     x0, y0, x1, y1 = obj.box
@@ -194,7 +206,8 @@ def count(rng: random.Random) -> Sample:
                 f"So there {'is' if k == 1 else 'are'} {k} {plural(shape, k)}."]
 
     return Sample(
-        "count", [image], f"How many {shape}s are there?", str(n), "number", caption=describe(objs),
+        "count", [image], f"How many {shape}s are there?", str(n), "number",
+        caption=scene_caption(objs, image.size),
         reasoning=trace(n), slip=seen(wrong), slip_at=1, recheck=RECOUNT, wrong=str(wrong), misled=trace(wrong),
         meta={"shape": shape, "color": color, "count": n, "objects": [o.to_dict() for o in objs]})
 
@@ -216,7 +229,7 @@ def attribute(rng: random.Random) -> Sample:
         return [f"I look for {subject}.", f"It is a {seen}.", f"So the answer is {reply}."]
 
     return Sample(
-        "attribute", [image], question, answer, "exact", caption=describe(objs),
+        "attribute", [image], question, answer, "exact", caption=scene_caption(objs, image.size),
         reasoning=trace(target.name, answer), slip=f"It looks like a {misseen}.", slip_at=1, wrong=wrong,
         misled=trace(misseen, wrong),
         meta={"asked": asked, "target": target.to_dict(), "objects": [o.to_dict() for o in objs]})
@@ -245,7 +258,8 @@ def spatial(rng: random.Random) -> Sample:
                 f"So the answer is {'yes' if holds else 'no'}."]
 
     return Sample(
-        "spatial", [image], f"Is the {a.name} {relation} the {b.name}?", answer, "exact", caption=describe(objs),
+        "spatial", [image], f"Is the {a.name} {relation} the {b.name}?", answer, "exact",
+        caption=scene_caption(objs, image.size),
         reasoning=trace(pa, pb, truth),
         slip=f"At first the {a.name} seems {'not ' if truth else ''}{relation} the {b.name}.",
         wrong="no" if truth else "yes", misled=trace(pb, pa, not truth),  # the places swapped
@@ -349,7 +363,7 @@ def grounding(rng: random.Random) -> Sample:
 
     return Sample(
         "grounding", [image], f"Where is the <ref>{target.name}</ref>?", format_box(box), "iou",
-        caption=describe(objs), reasoning=[f"I find the {target.name}.", *spans(box)],
+        caption=scene_caption(objs, image.size), reasoning=[f"I find the {target.name}.", *spans(box)],
         slip=spans(other_box)[0], slip_at=1, wrong=format_box(other_box),
         misled=[f"I find the {target.name}.", *spans(other_box)],
         meta={"target": target.to_dict(), "box": list(box), "objects": [o.to_dict() for o in objs]})

@@ -140,7 +140,7 @@ def read_positions(probs: torch.Tensor, bins: int = POSITION_BINS) -> torch.Tens
     """(tokens, vocab) visual-token distributions -> (tokens, 2) the (x, y) their column and row words say."""
     centres = (torch.arange(bins) + 0.5) / bins
     cols, rows = probs[:, COLUMN_WORDS], probs[:, ROW_WORDS]
-    return torch.stack([cols @ centres / cols.sum(-1).clamp_min(1e-9), rows @ centres / rows.sum(-1).clamp_min(1e-9)], 1)
+    return torch.stack([words @ centres / words.sum(-1).clamp_min(1e-9) for words in (cols, rows)], 1)
 
 
 def token_targets(labels: torch.Tensor, grid_thws: torch.Tensor, vocab: int, position_weight: float,

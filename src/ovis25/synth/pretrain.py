@@ -131,13 +131,13 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
         pixel_values, grids, labels = collate([rng.choice(by_task[t]) for t in tasks])
         logits = vt.head_logits(vt.vit(pixel_values, grids))
         target = token_targets(labels, grids, logits.shape[-1], cfg.position_weight, processor.hidden_stride)
-        loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
+        loss = F.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         # the loss cannot fall below the targets' own entropy: what is left above it is what can be learned
-        floor = -(target * target.clamp_min(1e-12).log()).sum(-1).mean()
+        floor = torch.special.entr(target).sum(-1).mean()
         metrics.write(json.dumps({"step": step, "loss": loss.item(), "loss_above_floor": (loss - floor).item(),
                                   "lr": cfg.lr * scale, "grad_norm": grad_norm.item()}) + "\n")
         bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -114,15 +114,11 @@ def token_labels(sample: Sample, min_pixels: int, max_pixels: int, patch_size: i
 
 def soft_bins(x: torch.Tensor, bins: int = POSITION_BINS) -> torch.Tensor:
     """(n,) positions in [0, 1] -> (n, bins) weights on bin centres (k + 0.5) / bins, linear between the two
-    nearest (so the weighted mean of the centres is x, clamped to the outer centres)."""
+    nearest (so the weighted mean of the centres is x, clamped to the outer centres); bins >= 2."""
     at = (x * bins - 0.5).clamp(0, bins - 1)
-    low = at.floor().long().clamp(max=bins - 2) if bins > 1 else at.floor().long()
-    frac = at - low
-    out = torch.zeros(len(x), bins)
-    out.scatter_(1, low[:, None], (1 - frac)[:, None])
-    if bins > 1:
-        out.scatter_add_(1, (low + 1)[:, None], frac[:, None])
-    return out
+    low = at.floor().long().clamp(max=bins - 2)
+    frac = (at - low)[:, None]
+    return torch.zeros(len(x), bins).scatter_(1, low[:, None], 1 - frac).scatter_(1, low[:, None] + 1, frac)
 
 
 def token_positions(grid_thws: torch.Tensor, hidden_stride: int = 2) -> torch.Tensor:

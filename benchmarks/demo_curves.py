@@ -32,6 +32,15 @@ TARGETS = {"count": 0.9, "attribute": 0.9, "ocr": 0.9, "chart": 0.7, "grounding"
 PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}  # as the demo evaluates
 
 
+def p1_checkpoint(run: Path) -> Path:
+    """The demo run's P1 checkpoint, where the one-task runs start (exits if the demo has not run)."""
+    init = run / "p1" / "final"
+    if not (init / "config.json").exists():
+        sys.exit(f"{init}: no P1 checkpoint; run `make demo` first (or pass --run)")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return init
+
+
 def checkpoint_model(init: Path, ckpt: Path):
     """The model of a resumable training checkpoint (its weights on the init's architecture)."""
     from ovis25.checkpoint import TIED_KEY
@@ -128,10 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="demo_curves", help="name of the result files in benchmarks/results")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe, e.g. train_modules=...")
     args = ap.parse_args(argv)
-    init = args.run / "p1" / "final"
-    if not (init / "config.json").exists():
-        sys.exit(f"{init}: no P1 checkpoint; run `make demo` first (or pass --run)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    init = p1_checkpoint(args.run)
     results = {"init": str(init), "questions": args.questions, "test": args.test, "threads": torch.get_num_threads(),
                "overrides": args.overrides, "curves": {}}
     for task in args.tasks.split(","):

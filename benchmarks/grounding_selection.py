@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from demo_curves import PIXELS, task_curve  # noqa: E402
+from demo_curves import PIXELS, p1_checkpoint, task_curve  # noqa: E402
 
 
 def grounding_with(objects: int):
@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "grounding_selection")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe")
     args = ap.parse_args(argv)
-    init = args.run / "p1" / "final"
-    if not (init / "config.json").exists():
-        sys.exit(f"{init}: no P1 checkpoint; run `make demo` first (or pass --run)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    init = p1_checkpoint(args.run)
     from ovis25.synth import world
 
     results = {"init": str(init), "questions": args.questions, "overrides": args.overrides,

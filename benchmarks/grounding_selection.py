@@ -33,6 +33,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from demo_curves import PIXELS, p1_checkpoint, task_curve  # noqa: E402
 
+from ovis25.grounding import Box, parse_boxes  # noqa: E402
+
 
 def grounding_with(objects: int):
     """The demo's grounding task with `objects` objects per image (0: as the demo draws them)."""
@@ -43,7 +45,7 @@ def grounding_with(objects: int):
         return world.grounding
 
     def draw(rng: random.Random) -> world.Sample:
-        kinds = rng.sample([(s, c) for s in world.SHAPES for c in world.COLORS], objects)
+        kinds = rng.sample(world.KINDS, objects)
         image, objs = world.scene(rng, kinds)
         box = format_box(objs[0].rel_box(*image.size))
         return world.Sample("grounding", [image], f"Where is the <ref>{objs[0].name}</ref>?", box, "iou",
@@ -51,8 +53,8 @@ def grounding_with(objects: int):
     return draw
 
 
-def centre(box) -> np.ndarray:
-    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+def centre(box: Box) -> np.ndarray:
+    return np.array([(box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2])
 
 
 def swap_test(model_dir: Path, n: int, seed: int = 1234) -> dict:
@@ -64,14 +66,13 @@ def swap_test(model_dir: Path, n: int, seed: int = 1234) -> dict:
     rng = random.Random(seed)
     follows, same = [], 0
     for _ in range(n):
-        image, objs = world.scene(rng, rng.sample([(s, c) for s in world.SHAPES for c in world.COLORS], 2))
-        boxes = [o.rel_box(*image.size) for o in objs]
+        image, objs = world.scene(rng, rng.sample(world.KINDS, 2))
+        boxes = [Box(*o.rel_box(*image.size)) for o in objs]
         preds = []
         for obj in objs:
             text = chat.generate(f"<image>\nWhere is the <ref>{obj.name}</ref>?", images=[image],
                                  enable_thinking=False, max_new_tokens=32, **PIXELS).text
-            numbers = [float(x) for x in re.findall(r"\d*\.\d+|\d+", text)]
-            preds.append(numbers if len(numbers) == 4 else [0.5] * 4)
+            preds.append((parse_boxes(text) or [Box(0.5, 0.5, 0.5, 0.5)])[0])  # no box: the image centre
         same += preds[0] == preds[1]
         for i, pred in enumerate(preds):
             d = [np.linalg.norm(centre(pred) - centre(b)) for b in boxes]
@@ -88,7 +89,7 @@ def caption_places(model_dir: Path, n: int, seed: int = 7) -> dict:
     rng = random.Random(seed)
     named = present = placed = 0
     for _ in range(n):
-        kinds = rng.sample([(s, c) for s in world.SHAPES for c in world.COLORS], rng.randint(2, 4))
+        kinds = rng.sample(world.KINDS, rng.randint(2, 4))
         image, objs = world.scene(rng, kinds)
         truth = {o.name: world.place_name(o, image.size) for o in objs}
         text = chat.generate("<image>\nDescribe the image.", images=[image], enable_thinking=False,

@@ -23,6 +23,7 @@ from ..grounding import format_box
 
 COLORS = {"red": (220, 30, 30), "green": (30, 150, 40), "blue": (30, 60, 220), "yellow": (235, 190, 0)}
 SHAPES = ("circle", "square", "triangle")
+KINDS = [(s, c) for s in SHAPES for c in COLORS]  # every (shape, colour) an object can have
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five"}
 WORDS = ("cat", "dog", "sun", "box", "map", "cup", "hat", "bus", "pen", "fox", "owl", "car", "key", "egg",
@@ -241,7 +242,7 @@ RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": 
 def spatial(rng: random.Random) -> Sample:
     relation, truth = rng.choice(list(RELATIONS)), rng.random() < 0.5
     axis, sign = RELATIONS[relation]
-    kinds = rng.sample([(s, c) for s in SHAPES for c in COLORS], 3)[: rng.randint(2, 3)]
+    kinds = rng.sample(KINDS, 3)[: rng.randint(2, 3)]
     while True:  # the relation must hold (or fail) clearly: centres >= 20% of the side apart
         image, objs = scene(rng, kinds)
         a, b = objs[0], objs[1]
@@ -353,7 +354,7 @@ def chart(rng: random.Random) -> Sample:
 
 
 def grounding(rng: random.Random) -> Sample:
-    kinds = rng.sample([(s, c) for s in SHAPES for c in COLORS], rng.randint(2, 4))
+    kinds = rng.sample(KINDS, rng.randint(2, 4))
     image, objs = scene(rng, kinds)
     target, other = objs[0], objs[1]
     box, other_box = target.rel_box(*image.size), other.rel_box(*image.size)

@@ -1,0 +1,179 @@
+"""Is it the visual tokens or the LLM that keeps the demo's tiny Ovis from boxing the *named* object?
+
+    python benchmarks/grounding_oracle.py [--run runs/demo] [--variants oracle,oracle+echo,real+echo]
+                                          [--steps 1500] [--batch 16] [--test 100]
+
+Each variant trains the LLM and the VET of the demo's P1 checkpoint on fresh grounding questions about
+images of two objects (`--steps` x `--batch` questions, AdamW at P2's rate and schedule), with the visual
+embeddings either
+- `real`: from the visual tokenizer, as in the demo (its head trains too, at P2's 2e-4), or
+- `oracle`: perfect: the distribution vision pretraining trains each token towards
+  (`synth.regions.token_targets`: the token's region class, its column and its row, from the generator's own
+  scene description) times the VET, so every token says exactly what it shows and where it is;
+and the answer either the box alone, as the demo's task, or (`+echo`) naming the object first:
+`<ref>red square</ref><box>(x1,y1),(x2,y2)</box>`, the Ovis form of a grounded reference.
+
+On `--test` held-out images each object is asked for in turn (greedy). Scores: mean IoU, and "picks the
+named object", the share of answers whose box centre is nearer the named object than the other (0.5: the
+name is ignored). Prints a table and writes benchmarks/results/grounding_oracle.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from demo_curves import PIXELS, p1_checkpoint  # noqa: E402
+
+from ovis25.constants import IGNORE_ID  # noqa: E402
+from ovis25.grounding import Box, format_box, parse_boxes  # noqa: E402
+from ovis25.model import Ovis  # noqa: E402
+from ovis25.processing import Processor  # noqa: E402
+from ovis25.synth import world  # noqa: E402
+from ovis25.synth.pretrain import VisionPretrainConfig  # noqa: E402
+from ovis25.synth.regions import token_labels, token_targets  # noqa: E402
+from ovis25.train.trainer import lr_lambda  # noqa: E402
+
+LR, HEAD_LR, MIN_LR_RATIO, WARMUP = 1e-3, 2e-4, 0.05, 0.03  # recipes/tiny/p2.toml
+NO_THINKING = "<think>\n\n</think>\n\n"
+
+
+class Grounder:
+    """The model, its processor and how a question about one object of an image becomes embeddings."""
+
+    def __init__(self, init: Path, oracle: bool, echo: bool):
+        self.model, self.processor = Ovis.from_pretrained(init), Processor.from_pretrained(init)
+        self.oracle, self.echo = oracle, echo
+        self.position_weight = VisionPretrainConfig.position_weight
+
+    def encode(self, image, objs: list, target: int, answer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> input embeddings (1, L, H), input ids (L,), labels (L,) (all IGNORE_ID without the answer)."""
+        obj = objs[target]
+        turns = [{"from": "human", "value": f"<image>\nWhere is the <ref>{obj.name}</ref>?"}]
+        if answer:
+            box = format_box(obj.rel_box(*image.size))
+            turns.append({"from": "gpt", "value": f"<ref>{obj.name}</ref>{box}" if self.echo else box})
+        ids, labels, pixels, grid = self.processor.format_conversation(
+            turns, images=[image], generation_preface=None if answer else NO_THINKING, **PIXELS)
+        if self.oracle:
+            scene = world.Sample("grounding", [image], "", "", "iou", meta={"objects": [o.to_dict() for o in objs]})
+            regions = token_labels(scene, PIXELS["min_pixels"], PIXELS["max_pixels"], self.processor.patch_size,
+                                   self.processor.hidden_stride)
+            probs = token_targets(regions, grid, self.model.config.visual_vocab_size, self.position_weight)
+            visual = probs @ self.model.vte.weight
+        else:
+            visual = self.model.visual_embeddings(pixels, grid)
+        return self.model.merge_embeddings(ids[None], visual_embeds=visual), ids, labels
+
+    @torch.no_grad()
+    def answer(self, image, objs: list, target: int, max_new_tokens: int = 48) -> str:
+        """Greedy reply (no cache: the prompts are ~70 tokens)."""
+        embeds, _, _ = self.encode(image, objs, target, answer=False)
+        eos, out = self.processor.tokenizer.eos_token_id, []
+        embed_tokens = self.model.llm.model.embed_tokens
+        for _ in range(max_new_tokens):
+            token = int(self.model(None, inputs_embeds=embeds, logits_to_keep=1).logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+            embeds = torch.cat([embeds, embed_tokens(torch.tensor([[token]]))], 1)
+        return self.processor.tokenizer.decode(out)
+
+
+def two_objects(rng: random.Random):
+    return world.scene(rng, rng.sample(world.KINDS, 2))
+
+
+def centre(box: Box) -> tuple[float, float]:
+    return (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
+
+
+def score(grounder: Grounder, test: list) -> dict:
+    grounder.model.eval()
+    ious, picks = [], []
+    for image, objs in test:
+        boxes = [Box(*o.rel_box(*image.size)) for o in objs]
+        for target in range(2):
+            pred = (parse_boxes(grounder.answer(image, objs, target)) or [Box(0.5, 0.5, 0.5, 0.5)])[0]
+            ious.append(pred.iou(boxes[target]))
+            d = [math.dist(centre(pred), centre(b)) for b in boxes]
+            picks.append(d[target] < d[1 - target])
+    grounder.model.train()
+    return {"mean_iou": round(sum(ious) / len(ious), 3), "picks_named": round(sum(picks) / len(picks), 3)}
+
+
+def train_variant(init: Path, variant: str, steps: int, batch: int, test: list, evals: int, seed: int) -> dict:
+    oracle, echo = variant.split("+")[0] == "oracle", variant.endswith("+echo")
+    torch.manual_seed(seed)
+    g = Grounder(init, oracle, echo)
+    model = g.model
+    lrs = {"llm": LR, "vte": LR} | ({} if oracle else {"visual_tokenizer.head": HEAD_LR})
+    groups = {}
+    for name, p in model.named_parameters():
+        prefix = next((k for k in lrs if name.startswith(k + ".")), None)
+        p.requires_grad_(prefix is not None)
+        if prefix:
+            groups.setdefault(prefix, []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k], "base_lr": lrs[k]} for k, ps in groups.items()],
+                            weight_decay=0.0, betas=(0.9, 0.95))
+    rng, curve, t0 = random.Random(seed), [{"step": 0, **score(g, test)}], time.perf_counter()
+    for step in range(1, steps + 1):
+        scale = lr_lambda(step - 1, steps, max(1, round(WARMUP * steps)), MIN_LR_RATIO)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        items = [g.encode(*two_objects(rng), target=0, answer=True) for _ in range(batch)]
+        supervised = sum(int((labels != IGNORE_ID).sum()) for _, _, labels in items)
+        opt.zero_grad()
+        for embeds, _, labels in items:
+            targets = torch.cat([labels[1:], torch.tensor([IGNORE_ID])])[None]  # next-token targets
+            (model(None, inputs_embeds=embeds, targets=targets).loss / supervised).backward()
+        torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], 1.0)
+        opt.step()
+        if step % max(1, steps // evals) == 0 or step == steps:
+            point = {"step": step, "questions": step * batch, "train_s": round(time.perf_counter() - t0),
+                     **score(g, test)}
+            curve.append(point)
+            print(variant, point, flush=True)
+    return {"curve": curve, **curve[-1]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
+    ap.add_argument("--variants", default="oracle,oracle+echo,real+echo")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16, help="questions per step")
+    ap.add_argument("--test", type=int, default=100, help="held-out images (each object asked: twice the answers)")
+    ap.add_argument("--evals", type=int, default=3, help="scored points along each run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="grounding_oracle", help="name of the result file in benchmarks/results")
+    args = ap.parse_args(argv)
+    init = p1_checkpoint(args.run)
+    test_rng = random.Random(999)
+    test = [two_objects(test_rng) for _ in range(args.test)]
+    results = {"init": str(init), "steps": args.steps, "batch": args.batch, "test_images": args.test,
+               "threads": torch.get_num_threads(), "variants": {}}
+    for variant in args.variants.split(","):
+        results["variants"][variant] = train_variant(init, variant, args.steps, args.batch, test, args.evals,
+                                                     args.seed)
+    lines = [f"\ntwo-object grounding, {args.steps * args.batch} questions, from {init}:",
+             "| visual tokens + answer | mean IoU | picks the named object | train s |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['mean_iou']:.3f} | {v['picks_named']:.2f} | {v['train_s']} |"
+              for k, v in results["variants"].items()]
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS / args.out}.json")
+
+
+if __name__ == "__main__":
+    main()

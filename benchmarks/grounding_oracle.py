@@ -1,15 +1,17 @@
 """Is it the visual tokens or the LLM that keeps the demo's tiny Ovis from boxing the *named* object?
 
-    python benchmarks/grounding_oracle.py [--run runs/demo] [--variants oracle,oracle+echo,real+echo]
-                                          [--steps 1500] [--batch 16] [--test 100]
+    python benchmarks/grounding_oracle.py [--run runs/demo] [--variants real,oracle,...] [--steps 1500]
+                                          [--batch 16] [--test 100]
 
 Each variant trains the LLM and the VET of the demo's P1 checkpoint on fresh grounding questions about
 images of two objects (`--steps` x `--batch` questions, AdamW at P2's rate and schedule), with the visual
 embeddings either
-- `real`: from the visual tokenizer, as in the demo (its head trains too, at P2's 2e-4), or
+- `real`: from the visual tokenizer, as in the demo (its head trains too, at P2's 2e-4);
 - `oracle`: perfect: the distribution vision pretraining trains each token towards
   (`synth.regions.token_targets`: the token's region class, its column and its row, from the generator's own
-  scene description) times the VET, so every token says exactly what it shows and where it is;
+  scene description) times the VET, so every token says exactly what it shows and where it is; or
+- `argmax`: the visual tokenizer's own reading put in that perfect form: its most likely class and its
+  column and row words (rescaled to the perfect weights), so only its mistakes differ from `oracle`;
 and the answer either the box alone, as the demo's task, or (`+echo`) naming the object first:
 `<ref>red square</ref><box>(x1,y1),(x2,y2)</box>`, the Ovis form of a grounded reference.
 
@@ -40,7 +42,7 @@ from ovis25.model import Ovis  # noqa: E402
 from ovis25.processing import Processor  # noqa: E402
 from ovis25.synth import world  # noqa: E402
 from ovis25.synth.pretrain import VisionPretrainConfig  # noqa: E402
-from ovis25.synth.regions import token_labels, token_targets  # noqa: E402
+from ovis25.synth.regions import CLASSES, COLUMN_WORDS, ROW_WORDS, token_labels, token_targets  # noqa: E402
 from ovis25.train.trainer import lr_lambda  # noqa: E402
 
 LR, HEAD_LR, MIN_LR_RATIO, WARMUP = 1e-3, 2e-4, 0.05, 0.03  # recipes/tiny/p2.toml
@@ -50,9 +52,9 @@ NO_THINKING = "<think>\n\n</think>\n\n"
 class Grounder:
     """The model, its processor and how a question about one object of an image becomes embeddings."""
 
-    def __init__(self, init: Path, oracle: bool, echo: bool):
+    def __init__(self, init: Path, tokens: str, echo: bool):
         self.model, self.processor = Ovis.from_pretrained(init), Processor.from_pretrained(init)
-        self.oracle, self.echo = oracle, echo
+        self.tokens, self.echo = tokens, echo
         self.position_weight = VisionPretrainConfig.position_weight
 
     def encode(self, image, objs: list, target: int, answer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,15 +66,27 @@ class Grounder:
             turns.append({"from": "gpt", "value": f"<ref>{obj.name}</ref>{box}" if self.echo else box})
         ids, labels, pixels, grid = self.processor.format_conversation(
             turns, images=[image], generation_preface=None if answer else NO_THINKING, **PIXELS)
-        if self.oracle:
+        if self.tokens == "real":
+            visual = self.model.visual_embeddings(pixels, grid)
+        else:
+            visual = self.perfect_form(image, objs, pixels, grid) @ self.model.vte.weight
+        return self.model.merge_embeddings(ids[None], visual_embeds=visual), ids, labels
+
+    def perfect_form(self, image, objs: list, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """(tokens, visual vocab): one class at 1 - 2w, column and row words at w each."""
+        w, vocab = self.position_weight, self.model.config.visual_vocab_size
+        if self.tokens == "oracle":
             scene = world.Sample("grounding", [image], "", "", "iou", meta={"objects": [o.to_dict() for o in objs]})
             regions = token_labels(scene, PIXELS["min_pixels"], PIXELS["max_pixels"], self.processor.patch_size,
                                    self.processor.hidden_stride)
-            probs = token_targets(regions, grid, self.model.config.visual_vocab_size, self.position_weight)
-            visual = probs @ self.model.vte.weight
-        else:
-            visual = self.model.visual_embeddings(pixels, grid)
-        return self.model.merge_embeddings(ids[None], visual_embeds=visual), ids, labels
+            return token_targets(regions, grid, vocab, w)
+        with torch.no_grad():
+            read = self.model.visual_tokenizer(pixels, grid)
+        probs = torch.zeros_like(read)
+        probs[torch.arange(len(read)), read[:, :len(CLASSES)].argmax(-1)] = 1 - 2 * w
+        for words in (COLUMN_WORDS, ROW_WORDS):
+            probs[:, words] = w * read[:, words] / read[:, words].sum(-1, keepdim=True)
+        return probs
 
     @torch.no_grad()
     def answer(self, image, objs: list, target: int, max_new_tokens: int = 48) -> str:
@@ -112,11 +126,11 @@ def score(grounder: Grounder, test: list) -> dict:
 
 
 def train_variant(init: Path, variant: str, steps: int, batch: int, test: list, evals: int, seed: int) -> dict:
-    oracle, echo = variant.split("+")[0] == "oracle", variant.endswith("+echo")
+    tokens, echo = variant.split("+")[0], variant.endswith("+echo")
     torch.manual_seed(seed)
-    g = Grounder(init, oracle, echo)
+    g = Grounder(init, tokens, echo)
     model = g.model
-    lrs = {"llm": LR, "vte": LR} | ({} if oracle else {"visual_tokenizer.head": HEAD_LR})
+    lrs = {"llm": LR, "vte": LR} | ({"visual_tokenizer.head": HEAD_LR} if tokens == "real" else {})
     groups = {}
     for name, p in model.named_parameters():
         prefix = next((k for k in lrs if name.startswith(k + ".")), None)
@@ -149,7 +163,8 @@ def train_variant(init: Path, variant: str, steps: int, batch: int, test: list, 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
-    ap.add_argument("--variants", default="oracle,oracle+echo,real+echo")
+    ap.add_argument("--variants", default="real,oracle,oracle+echo,real+echo,argmax+echo",
+                    help="VISUAL_TOKENS[+echo], comma-separated; VISUAL_TOKENS: real, oracle or argmax")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16, help="questions per step")
     ap.add_argument("--test", type=int, default=100, help="held-out images (each object asked: twice the answers)")
@@ -157,12 +172,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="grounding_oracle", help="name of the result file in benchmarks/results")
     args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    for variant in variants:
+        if variant.removesuffix("+echo") not in ("real", "oracle", "argmax"):
+            ap.error(f"variant {variant!r}: the visual tokens must be real, oracle or argmax (then +echo or not)")
     init = p1_checkpoint(args.run)
     test_rng = random.Random(999)
     test = [two_objects(test_rng) for _ in range(args.test)]
     results = {"init": str(init), "steps": args.steps, "batch": args.batch, "test_images": args.test,
                "threads": torch.get_num_threads(), "variants": {}}
-    for variant in args.variants.split(","):
+    for variant in variants:
         results["variants"][variant] = train_variant(init, variant, args.steps, args.batch, test, args.evals,
                                                      args.seed)
     lines = [f"\ntwo-object grounding, {args.steps * args.batch} questions, from {init}:",

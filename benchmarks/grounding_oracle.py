@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -35,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from demo_curves import PIXELS, p1_checkpoint  # noqa: E402
+from grounding_selection import nearer_named, predicted_box  # noqa: E402
 
 from ovis25.constants import IGNORE_ID  # noqa: E402
-from ovis25.grounding import Box, format_box, parse_boxes  # noqa: E402
+from ovis25.grounding import Box, format_box  # noqa: E402
 from ovis25.model import Ovis  # noqa: E402
 from ovis25.processing import Processor  # noqa: E402
 from ovis25.synth import world  # noqa: E402
@@ -107,20 +107,15 @@ def two_objects(rng: random.Random):
     return world.scene(rng, rng.sample(world.KINDS, 2))
 
 
-def centre(box: Box) -> tuple[float, float]:
-    return (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
-
-
 def score(grounder: Grounder, test: list) -> dict:
     grounder.model.eval()
     ious, picks = [], []
     for image, objs in test:
         boxes = [Box(*o.rel_box(*image.size)) for o in objs]
         for target in range(2):
-            pred = (parse_boxes(grounder.answer(image, objs, target)) or [Box(0.5, 0.5, 0.5, 0.5)])[0]
+            pred = predicted_box(grounder.answer(image, objs, target))
             ious.append(pred.iou(boxes[target]))
-            d = [math.dist(centre(pred), centre(b)) for b in boxes]
-            picks.append(d[target] < d[1 - target])
+            picks.append(nearer_named(pred, boxes, target))
     grounder.model.train()
     return {"mean_iou": round(sum(ious) / len(ious), 3), "picks_named": round(sum(picks) / len(picks), 3)}
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +53,15 @@ def grounding_with(objects: int):
     return draw
 
 
-def centre(box: Box) -> np.ndarray:
-    return np.array([(box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2])
+def predicted_box(reply: str) -> Box:
+    """The reply's first box; without one, a point at the image centre."""
+    return (parse_boxes(reply) or [Box(0.5, 0.5, 0.5, 0.5)])[0]
+
+
+def nearer_named(pred: Box, boxes: list[Box], named: int) -> bool:
+    """Is the predicted box's centre nearer the named object's box than every other object's?"""
+    d = [math.dist(pred.centre, b.centre) for b in boxes]
+    return all(d[named] < x for i, x in enumerate(d) if i != named)
 
 
 def swap_test(model_dir: Path, n: int, seed: int = 1234) -> dict:
@@ -72,12 +79,10 @@ def swap_test(model_dir: Path, n: int, seed: int = 1234) -> dict:
         for obj in objs:
             text = chat.generate(f"<image>\nWhere is the <ref>{obj.name}</ref>?", images=[image],
                                  enable_thinking=False, max_new_tokens=32, **PIXELS).text
-            preds.append((parse_boxes(text) or [Box(0.5, 0.5, 0.5, 0.5)])[0])  # no box: the image centre
+            preds.append(predicted_box(text))
         same += preds[0] == preds[1]
-        for i, pred in enumerate(preds):
-            d = [np.linalg.norm(centre(pred) - centre(b)) for b in boxes]
-            follows.append(d[i] < d[1 - i])
-    return {"follows_name": round(float(np.mean(follows)), 3), "same_box": round(same / n, 3), "images": n}
+        follows += [nearer_named(pred, boxes, i) for i, pred in enumerate(preds)]
+    return {"follows_name": round(sum(follows) / len(follows), 3), "same_box": round(same / n, 3), "images": n}
 
 
 def caption_places(model_dir: Path, n: int, seed: int = 7) -> dict:

@@ -47,6 +47,22 @@ def test_ocr_character_boxes_cover_the_ink_in_reading_order():
         assert firsts == sorted(firsts)
 
 
+def test_ocr_token_labels_spell_the_text_along_one_row():
+    """Only glyph centres are labelled, on the line's row of tokens, so reading the labelled tokens in order
+    gives the text, except where two narrow glyphs share a token."""
+    spelled = 0
+    for sample in samples("ocr", 60):
+        labels = token_labels(sample, 4096, 25600)
+        w = int(preprocess_image(sample.images[0], min_pixels=4096, max_pixels=25600)[1][0, 2]) // 2
+        rows = {i // w for i in labels.nonzero().flatten().tolist()}
+        read = "".join(CLASSES[c].removeprefix("character ") for c in labels.tolist() if c)
+        assert len(rows) == 1 and read and set(read) <= set(sample.answer)
+        spelled += read == sample.answer
+        if sample.meta["kind"] == "number":  # digits are at least a token wide
+            assert read == sample.answer
+    assert spelled >= 0.9 * 60
+
+
 def test_chart_labels_name_the_bars_and_their_values():
     for sample in samples("chart", 12):
         cmap, pixels = class_maps(sample)[0], np.asarray(sample.images[0])

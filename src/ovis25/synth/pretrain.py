@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,13 +30,15 @@ log = logging.getLogger("ovis25.synth.pretrain")
 
 @dataclass
 class VisionPretrainConfig:
-    steps: int = 1000
+    # 1500 steps on 1500 scenes per task: held-out token accuracy on shapes 0.78-0.89 -> 0.88-0.96 (1000 steps
+    # on 400 scenes); glyphs need the steps and a larger share of the images (below) to be learned at all
+    steps: int = 1500
     batch_images: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
-    scenes_per_task: int = 400
+    scenes_per_task: int = 1500
     test_scenes_per_task: int = 20
     # (min_pixels, max_pixels) per kind of sample, as the recipes' data budgets
     single: tuple[int, int] = (64 * 64, 160 * 160)
@@ -44,6 +46,9 @@ class VisionPretrainConfig:
     video: tuple[int, int] = (32 * 32, 96 * 96)
     # the share of each target distribution on the token's column word and again on its row word
     position_weight: float = 0.2
+    # how often each task's images are drawn relative to the others (1 when not named): an OCR image holds a
+    # few glyph tokens of 36 kinds (held-out glyph accuracy 0.11 at weight 1, 0.77 at 3)
+    task_weights: dict[str, float] = field(default_factory=lambda: {"ocr": 3.0})
 
 
 @dataclass
@@ -126,8 +131,8 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
         scale = lr_lambda(step - 1, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * scale
-        # tasks are drawn evenly, so the many frames of a video do not crowd out text and charts
-        tasks = rng.choices(list(by_task), k=cfg.batch_images)
+        # tasks are drawn by weight, not by image count, so the many frames of a video do not crowd out text
+        tasks = rng.choices(list(by_task), weights=[cfg.task_weights.get(t, 1.0) for t in by_task], k=cfg.batch_images)
         pixel_values, grids, labels = collate([rng.choice(by_task[t]) for t in tasks])
         logits = vt.head_logits(vt.vit(pixel_values, grids))
         target = token_targets(labels, grids, logits.shape[-1], cfg.position_weight, processor.hidden_stride)

@@ -53,6 +53,15 @@ def scene_objects(sample: Sample) -> list[list[dict]]:
     return [meta.get("objects", [])] * len(sample.images)
 
 
+def character_boxes(meta: dict) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Each character of an OCR sample's text with the (x0, y0, x1, y1) box of its glyph, left to right."""
+    face, text = font(meta["font_size"]), meta["text"]
+    left, top = face.getbbox(text)[:2]
+    x, y = meta["box"][0] - left, meta["box"][1] - top
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    return [(ch, draw.textbbox((x + face.getlength(text[:k]), y), ch, font=face)) for k, ch in enumerate(text)]
+
+
 def class_maps(sample: Sample) -> list[np.ndarray]:
     """One (H, W) uint8 class map per image, drawn with the geometry the generator drew the pixels with."""
     maps = []
@@ -62,12 +71,7 @@ def class_maps(sample: Sample) -> list[np.ndarray]:
         for obj in objects:
             draw_obj(draw, Obj.from_dict(obj), fill=object_class(obj))
         if sample.task == "ocr":
-            meta = sample.meta
-            face, text = font(meta["font_size"]), meta["text"]
-            left, top = face.getbbox(text)[:2]
-            x, y = meta["box"][0] - left, meta["box"][1] - top
-            for k, ch in enumerate(text):
-                box = draw.textbbox((x + face.getlength(text[:k]), y), ch, font=face)
+            for ch, box in character_boxes(sample.meta):
                 draw.rectangle(box, fill=CLASS[f"character {ch}"])
         elif sample.task == "chart":
             meta = sample.meta
@@ -91,12 +95,26 @@ def token_labels(sample: Sample, min_pixels: int, max_pixels: int, patch_size: i
 
     A token takes the class covering most of its region, characters first (at least MIN_SHARE of it, else
     background); the token holding an object's centre takes that object's centre class, so counting is
-    counting centres."""
+    counting centres. OCR text is read the same way: only the token holding a glyph's centre (on the middle
+    of the line, so a word's characters share one row of tokens) names that character, so reading is
+    reading those tokens left to right; a token holding parts of two glyphs names neither."""
     cell = patch_size * hidden_stride
     out = []
     for image, cmap, objects in zip(sample.images, class_maps(sample), scene_objects(sample)):
         width, height = image.size
         h, w = smart_resize(height, width, cell, min_pixels, max_pixels)
+
+        def token_at(x: float, y: float) -> int:
+            row, col = min(int(y * h / height) // cell, h // cell - 1), min(int(x * w / width) // cell, w // cell - 1)
+            return row * (w // cell) + col
+
+        if sample.task == "ocr":
+            labels = np.zeros((h // cell) * (w // cell), dtype=np.int64)
+            middle = (sample.meta["box"][1] + sample.meta["box"][3]) / 2
+            for ch, box in character_boxes(sample.meta):
+                labels[token_at((box[0] + box[2]) / 2, middle)] = CLASS[f"character {ch}"]
+            out.append(torch.from_numpy(labels))
+            continue
         resized = np.asarray(Image.fromarray(cmap).resize((w, h), Image.Resampling.NEAREST))
         blocks = resized.reshape(h // cell, cell, w // cell, cell).transpose(0, 2, 1, 3).reshape(-1, cell * cell)
         counts = np.zeros((len(blocks), len(CLASSES)), dtype=np.int64)
@@ -104,10 +122,7 @@ def token_labels(sample: Sample, min_pixels: int, max_pixels: int, patch_size: i
         counts[:, 0] = 0
         labels = np.where(counts.max(1) >= MIN_SHARE * cell * cell, (counts * PRIORITY).argmax(1), 0)
         for obj in objects:
-            cx, cy = Obj.from_dict(obj).center
-            row = min(int(cy * h / height) // cell, h // cell - 1)
-            col = min(int(cx * w / width) // cell, w // cell - 1)
-            labels[row * (w // cell) + col] = object_class(obj, centre=True)
+            labels[token_at(*Obj.from_dict(obj).center)] = object_class(obj, centre=True)
         out.append(torch.from_numpy(labels))
     return torch.cat(out)
 

@@ -25,6 +25,9 @@ COLORS = {"red": (220, 30, 30), "green": (30, 150, 40), "blue": (30, 60, 220), "
 SHAPES = ("circle", "square", "triangle")
 KINDS = [(s, c) for s in SHAPES for c in COLORS]  # every (shape, colour) an object can have
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+# OCR font sizes: a glyph at least one visual token (32 px) wide, as a real run reads small text by giving the
+# image more tokens; the OCR task's margins keep its images within the demo's 25-token budget unscaled.
+TEXT_SIZES = (64, 80)
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five"}
 WORDS = ("cat", "dog", "sun", "box", "map", "cup", "hat", "bus", "pen", "fox", "owl", "car", "key", "egg",
          "tree", "fish", "star", "moon", "book", "door")
@@ -274,10 +277,10 @@ def ocr(rng: random.Random) -> Sample:
         pool = "0123456789"
     else:
         text, kind, pool = rng.choice(WORDS), "word", "abcdefghijklmnopqrstuvwxyz"
-    size = rng.randint(28, 56)  # a glyph spans about one visual token (32 px) or less
+    size = rng.randint(*TEXT_SIZES)
     left, top, right, bottom = font(size).getbbox(text)
     tw, th = right - left, bottom - top
-    w, h = max(64, tw + rng.randint(8, 80)), max(64, th + rng.randint(8, 48))
+    w, h = max(64, tw + rng.randint(8, 48)), max(64, th + rng.randint(8, 32))
     x, y = rng.randint(4, w - tw - 4), rng.randint(4, h - th - 4)
     image = Image.new("RGB", (w, h), WHITE)
     ImageDraw.Draw(image).text((x - left, y - top), text, font=font(size), fill=BLACK)

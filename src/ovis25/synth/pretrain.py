@@ -30,7 +30,7 @@ log = logging.getLogger("ovis25.synth.pretrain")
 
 @dataclass
 class VisionPretrainConfig:
-    # 1500 steps on 1500 scenes per task: held-out token accuracy on shapes 0.78-0.89 -> 0.88-0.96 (1000 steps
+    # 1500 steps on 1500 scenes per task: held-out token accuracy on shapes 0.79-0.85 -> 0.90-0.94 (1000 steps
     # on 400 scenes); glyphs need the steps and a larger share of the images (below) to be learned at all
     steps: int = 1500
     batch_images: int = 32

@@ -116,6 +116,8 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
     by_task: dict[str, list[Item]] = {}
     for item in train:
         by_task.setdefault(item.task, []).append(item)
+    task_names = list(by_task)
+    task_weights = [cfg.task_weights.get(t, 1.0) for t in task_names]
     vt = model.visual_tokenizer
     for p in model.parameters():
         p.requires_grad_(False)
@@ -132,7 +134,7 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
         for group in opt.param_groups:
             group["lr"] = cfg.lr * scale
         # tasks are drawn by weight, not by image count, so the many frames of a video do not crowd out text
-        tasks = rng.choices(list(by_task), weights=[cfg.task_weights.get(t, 1.0) for t in by_task], k=cfg.batch_images)
+        tasks = rng.choices(task_names, weights=task_weights, k=cfg.batch_images)
         pixel_values, grids, labels = collate([rng.choice(by_task[t]) for t in tasks])
         logits = vt.head_logits(vt.vit(pixel_values, grids))
         target = token_targets(labels, grids, logits.shape[-1], cfg.position_weight, processor.hidden_stride)

@@ -26,7 +26,7 @@ SHAPES = ("circle", "square", "triangle")
 KINDS = [(s, c) for s in SHAPES for c in COLORS]  # every (shape, colour) an object can have
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 # OCR font sizes: a glyph at least one visual token (32 px) wide, as a real run reads small text by giving the
-# image more tokens; the OCR task's margins keep its images within the demo's 25-token budget unscaled.
+# image more tokens; the OCR task's margins keep its images within the demo's 25-token budget (160 x 160 px).
 TEXT_SIZES = (64, 80)
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five"}
 WORDS = ("cat", "dog", "sun", "box", "map", "cup", "hat", "bus", "pen", "fox", "owl", "car", "key", "egg",

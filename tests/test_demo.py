@@ -1,5 +1,6 @@
 """The fast CI variant of `make demo`: every phase of the tiny curriculum runs on the `ci` world."""
 import json
+import re
 
 import pytest
 
@@ -45,3 +46,28 @@ def test_demo_pipeline_wiring(tmp_path):
             assert 0 <= s["accuracy"] <= 1 and s["n"] > 0 and s["thinking"] == phase.endswith("+think"), (phase, task)
     report = (run / "report.md").read_text()
     assert "Accuracy per task" in report and "Vision pretraining (P0v)" in report and "Held-out reward of sampled" in report and "| mean |" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
+
+
+def test_text_pretraining_set_teaches_reading_from_context(tmp_path):
+    from ovis25.demo import TEXT_NUMBERS, TEXT_THINK_PER_TASK, text_only_dataset
+    from ovis25.synth import build_world
+    from ovis25.synth.build import CAPTIONED
+
+    build_world(tmp_path / "world", seed=0, sizes="ci")
+    text_only_dataset(tmp_path / "world")
+    info = json.loads((tmp_path / "world" / "datainfo.json").read_text())
+    samples = json.loads((tmp_path / "world" / info["synth_text"]["meta_file"]).read_text())
+    numbers = [s for s in samples if s["id"].startswith("text-number-")]
+    assert len(numbers) == TEXT_NUMBERS
+    for s in numbers:  # the answer is a digit string copied from the prompt, not recalled
+        question, answer = (t["value"] for t in s["conversations"])
+        assert answer.isdigit() and question == f"the number {answer}\nWhat number is written?"
+    assert len({s["conversations"][1]["value"] for s in numbers}) > 1000  # too many strings to memorise
+    thinking = [s for s in samples if s["id"].startswith("text-think-")]
+    assert len(thinking) == TEXT_THINK_PER_TASK * len(CAPTIONED)
+    for s in thinking:  # a trace from the caption, then an answer: the trace's own conclusion
+        question, answer = (t["value"] for t in s["conversations"])
+        trace, _, final = answer.partition("</think>\n\n")
+        words = re.findall(r"[\w.]+", re.sub(r"</?box>", "", final))  # a box's four numbers, a word, a number
+        assert trace.startswith("<think>\n") and words and all(w in trace for w in words), answer
+    assert all("<image>" not in t["value"] for s in samples for t in s["conversations"])

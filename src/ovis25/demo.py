@@ -62,6 +62,10 @@ def preference_datasets(world: Path) -> list[dict]:
 
 
 TEXT_PER_TASK = 600  # context-QA samples per single-image task in the text-only P0 set
+TEXT_THINK_PER_TASK = 300  # ... and thinking traces reasoning from the caption, per single-image task
+# extra "the number 4753\nWhat number is written?" -> "4753" samples in P0: a from-scratch LLM only learns to copy
+# a digit string it has not seen from its context (an induction head) with thousands of them
+TEXT_NUMBERS = 3000
 
 
 def text_only_dataset(world: Path, seed: int = 0) -> None:
@@ -71,9 +75,13 @@ def text_only_dataset(world: Path, seed: int = 0) -> None:
     "{caption}\nDescribe the image." -> caption (copying). P1 then only has to make the visual tokens say
     what the caption says (the frozen LLM already knows how to use them), and P2 starts from an LLM that
     looks at its context. An LLM pretrained on bare questions instead learns answer priors and ignores the
-    image. Multi-image and video questions have no caption and stay bare (answer format only)."""
-    from .synth.build import CAPTIONED, task_rng
-    from .synth.world import TASKS
+    image. Multi-image and video questions have no caption and stay bare (answer format only).
+    Thinking traces from the caption ("{caption}\n{question}" -> "<think>...</think>" + answer, a third of them
+    self-correcting as in P3) stand in for the reasoning a pretrained Qwen3 brings, and `TEXT_NUMBERS` more
+    number-reading samples teach copying (with only the 600 OCR ones, P0 copied a number from its caption
+    0.38-0.54 of the time; with them 1.00). Together they raised OCR after P2 by about 0.1 (two seeds)."""
+    from .synth.build import CAPTIONED, SELF_CORRECT, task_rng
+    from .synth.world import TASKS, thinking
 
     info = json.loads((world / "datainfo.json").read_text())
     if "synth_text" in info:
@@ -91,6 +99,17 @@ def text_only_dataset(world: Path, seed: int = 0) -> None:
         for i in range(TEXT_PER_TASK):
             sample = TASKS[task](rng)
             add(f"{task}-{i}", f"{sample.caption}\n{sample.question}", sample.answer)
+        rng = task_rng(seed, "text-think", task)
+        for i in range(TEXT_THINK_PER_TASK):
+            sample = TASKS[task](rng)
+            add(f"think-{task}-{i}", f"{sample.caption}\n{sample.question}",
+                thinking(sample, self_correct=rng.random() < SELF_CORRECT))
+    rng, n = task_rng(seed, "text-numbers", "ocr"), 0
+    while n < TEXT_NUMBERS:
+        sample = TASKS["ocr"](rng)
+        if sample.meta["kind"] == "number":
+            add(f"number-{n}", f"{sample.caption}\n{sample.question}", sample.answer)
+            n += 1
     bare: dict[str, int] = {}
     for s in json.loads((world / info["synth_qa"]["meta_file"]).read_text()):
         if s["task"] not in CAPTIONED and bare.setdefault(s["task"], 0) < TEXT_PER_TASK:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eva
     world = work / task / "world"
     build_world(world, seed=seed, sizes={"qa": questions, "test": test}, tokenizer=False, tasks=[task])
     run = work / task / "run"
+    shutil.rmtree(run, ignore_errors=True)  # else train() resumes a previous run's checkpoints, whatever the init
     t0 = time.perf_counter()
     cfg = load_recipe(ROOT / "recipes" / "tiny" / "p2.toml", [
         f'init="{init}"', f'out_dir="{run}"', f'datainfo="{world / "datainfo.json"}"', f"seed={seed}", "epochs=1",

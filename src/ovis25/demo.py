@@ -81,7 +81,7 @@ def text_only_dataset(world: Path, seed: int = 0) -> None:
     number-reading samples teach copying (with only the 600 OCR ones, P0 copied a number from its caption
     0.38-0.54 of the time; with them 1.00). Together they raised OCR after P2 by about 0.1 (two seeds)."""
     from .synth.build import CAPTIONED, SELF_CORRECT, task_rng
-    from .synth.world import TASKS, thinking
+    from .synth.world import TASKS, Sample, thinking
 
     info = json.loads((world / "datainfo.json").read_text())
     if "synth_text" in info:
@@ -92,23 +92,25 @@ def text_only_dataset(world: Path, seed: int = 0) -> None:
         samples.append({"id": f"text-{sid}", "conversations": [{"from": "human", "value": human},
                                                                {"from": "gpt", "value": gpt}]})
 
+    def add_scene(sid: str, sample: Sample, gpt: str) -> None:  # the caption stands where the image will be
+        add(sid, f"{sample.caption}\n{sample.question}", gpt)
+
     for s in json.loads((world / info["synth_caption"]["meta_file"]).read_text()):
         add(s["id"], f"{s['caption']}\nDescribe the image.", s["caption"])
     for task in CAPTIONED:  # fresh scenes from their own stream: only their text is kept
         rng = task_rng(seed, "text", task)
         for i in range(TEXT_PER_TASK):
             sample = TASKS[task](rng)
-            add(f"{task}-{i}", f"{sample.caption}\n{sample.question}", sample.answer)
+            add_scene(f"{task}-{i}", sample, sample.answer)
         rng = task_rng(seed, "text-think", task)
         for i in range(TEXT_THINK_PER_TASK):
             sample = TASKS[task](rng)
-            add(f"think-{task}-{i}", f"{sample.caption}\n{sample.question}",
-                thinking(sample, self_correct=rng.random() < SELF_CORRECT))
+            add_scene(f"think-{task}-{i}", sample, thinking(sample, self_correct=rng.random() < SELF_CORRECT))
     rng, n = task_rng(seed, "text-numbers", "ocr"), 0
     while n < TEXT_NUMBERS:
         sample = TASKS["ocr"](rng)
         if sample.meta["kind"] == "number":
-            add(f"number-{n}", f"{sample.caption}\n{sample.question}", sample.answer)
+            add_scene(f"number-{n}", sample, sample.answer)
             n += 1
     bare: dict[str, int] = {}
     for s in json.loads((world / info["synth_qa"]["meta_file"]).read_text()):

@@ -94,10 +94,15 @@ def test_sampled_reward_is_seeded_and_leaves_the_global_rng_alone(tmp_path, chat
 
 def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
     bench = write_bench(tmp_path, [{"id": "a", "task": "t", "image": "img/0.png", "question": "Q?", "answer": "x"}])
-    out = tmp_path / "out.json"
-    main([str(model_dir()), "--data", str(bench), "--thinking", "off", "--max-new-tokens", "4", "--out", str(out)])
+    out, answers = tmp_path / "out.json", tmp_path / "answers.jsonl"
+    main([str(model_dir()), "--data", str(bench), "--thinking", "both", "--max-new-tokens", "4", "--out", str(out),
+          "--answers", str(answers)])
     results = json.loads(out.read_text())
     assert results["thinking off"]["t"]["n"] == 1 and "| t |" in capsys.readouterr().out
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]  # one per item and mode
+    assert [(r["id"], r["enable_thinking"]) for r in rows] == [("a", False), ("a", True)]
+    for row, mode in zip(rows, ("off", "on")):
+        assert row["score"] == results[f"thinking {mode}"]["t"]["accuracy"] and row["answer"] == "x"
     bench.write_text('{"id": "a"}\n')
     with pytest.raises(SystemExit, match="line 1: missing field"):
         main([str(model_dir()), "--data", str(bench)])

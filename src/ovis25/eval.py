@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-pixels", type=int, default=32 * 32)
     ap.add_argument("--max-pixels", type=int, default=256 * 256)
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--answers", help="write every item's answer and score here (JSONL; one row per item and mode)")
     args = ap.parse_args(argv)
     if args.suite == "synth":
         if not args.world:
@@ -216,16 +217,19 @@ def main(argv: list[str] | None = None) -> None:
         items = load_items(data, image_dir, args.limit)
         chat = Chat.from_pretrained(args.model_dir, dtype=torch.float32)
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.thinking]
-        results = {}
+        results, answers = {}, []
         for think in modes:
-            summary, _ = evaluate(chat, items, think, args.max_new_tokens, args.budget, min_pixels=args.min_pixels,
-                                  max_pixels=args.max_pixels)
+            summary, rows = evaluate(chat, items, think, args.max_new_tokens, args.budget, min_pixels=args.min_pixels,
+                                     max_pixels=args.max_pixels)
             results[f"thinking {'on' if think else 'off'}"] = summary
+            answers += [{**row, "enable_thinking": think} for row in rows]
     except ValueError as e:
         sys.exit(f"ovis25 eval: {e}")
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+    if args.answers:
+        Path(args.answers).write_text("".join(json.dumps(row) + "\n" for row in answers))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def questions(n: int, seed: int) -> tuple[list[EvalItem], list[str]]:
 
 
 def score(model_dir: Path, items: list[EvalItem], kinds: list[str]) -> dict:
+    """{"thinking off" / "thinking on": {task or "task: kind": accuracy}, "n": {the same keys: questions}}."""
     chat = Chat.from_pretrained(model_dir, dtype=torch.float32)
     out = {}
     for thinking in (False, True):
@@ -54,7 +55,7 @@ def score(model_dir: Path, items: list[EvalItem], kinds: list[str]) -> dict:
             if kind != row["task"]:
                 hits[kind].append(hit)
         out["thinking on" if thinking else "thinking off"] = {k: round(sum(v) / len(v), 3) for k, v in hits.items()}
-    out["n"] = {k: kinds.count(k) or sum(it.task == k for it in items) for k in out["thinking off"]}
+        out["n"] = {k: len(v) for k, v in hits.items()}
     return out
 
 

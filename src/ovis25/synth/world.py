@@ -286,14 +286,11 @@ def ocr(rng: random.Random) -> Sample:
     ImageDraw.Draw(image).text((x - left, y - top), text, font=font(size), fill=BLACK)
     i = rng.randrange(len(text))  # a misread: one character changed (never a leading zero)
     wrong = text[:i] + rng.choice([c for c in pool if c != text[i] and (i or c != "0")]) + text[i + 1:]
-    # the trace reads the text whole: spelled out character by character ("7, 4"), a trace the tiny LLM cannot
-    # write or put back together (its tokens are multi-character), it was right on 5 of 50 test images where
-    # direct answers were right on 34
     return Sample(
         "ocr", [image], f"What {kind} is written?", text, "exact", caption=f"the {kind} {text}",
-        reasoning=[f"The text reads {text}.", f"So the {kind} is {text}."],
+        reasoning=[f"I read the characters one by one: {', '.join(text)}.", f"So the {kind} is {text}."],
         slip=f"It looks like {wrong}.", wrong=wrong,
-        misled=[f"The text reads {wrong}.", f"So the {kind} is {wrong}."],
+        misled=[f"I read the characters one by one: {', '.join(wrong)}.", f"So the {kind} is {wrong}."],
         meta={"text": text, "kind": kind, "font_size": size, "box": [x, y, x + tw - 1, y + th - 1]})
 
 

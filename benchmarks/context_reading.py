@@ -6,8 +6,8 @@ MODEL_DIR defaults to `runs/demo/p0/final` (the LLM after language pretraining, 
 Each question is a fresh scene's caption where the image would be, then its question ("a bar chart: A is 7,
 B is 2, C is 3\\nWhat is A plus C?"), answered greedily with thinking off and on and scored as
 `ovis25 eval` scores it. The caption says everything the image shows that the question needs (spatial and
-grounding only roughly: it places objects in thirds of the image), so a task the LLM cannot answer from
-the caption is one P2 cannot teach it to answer from the image either, whatever the visual tokens say.
+grounding only roughly: it places objects in thirds of the image), so this measures the reasoning the LLM
+brings to P2: what it cannot do from the caption, P2 has to teach it along with reading the image.
 Scores are split by the kind of question where a task has kinds (chart: value / highest / sum; OCR: number
 / word). Prints a table and writes benchmarks/results/NAME.json (NAME: context_reading unless --out says).
 """

@@ -1,11 +1,16 @@
 """The fast CI variant of `make demo`: every phase of the tiny curriculum runs on the `ci` world."""
 import json
 import re
+import sys
 
 import pytest
+from conftest import REPO
 
 from ovis25 import Ovis, Processor
 from ovis25.demo import TRAIN_PHASES, run_demo
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import context_reading  # noqa: E402  (benchmarks/context_reading.py)
 
 
 def test_demo_pipeline_wiring(tmp_path):
@@ -44,6 +49,17 @@ def test_demo_pipeline_wiring(tmp_path):
         assert tasks, phase
         for task, s in tasks.items():
             assert 0 <= s["accuracy"] <= 1 and s["n"] > 0 and s["thinking"] == phase.endswith("+think"), (phase, task)
+    # the context-reading probe runs on P0's LLM: every captioned task, its kinds adding up to the task
+    items, kinds = context_reading.questions(3, seed=0)
+    assert all(len(it.conversations[0]["value"].split("\n")) == 2 and not it.images for it in items)  # caption, question
+    probe = context_reading.score(run / "p0" / "final", items, kinds)
+    for mode in ("thinking off", "thinking on"):
+        for task in ("count", "attribute", "spatial", "ocr", "chart", "grounding"):
+            parts = [k for k in probe[mode] if k.startswith(task + ": ")]
+            assert probe["n"][task] == 3 and sum(probe["n"][k] for k in parts) in ((3,) if parts else (0,))
+            if parts:
+                assert sum(probe[mode][k] * probe["n"][k] for k in parts) / 3 == pytest.approx(probe[mode][task],
+                                                                                              abs=2e-3)
     report = (run / "report.md").read_text()
     assert "Accuracy per task" in report and "Vision pretraining (P0v)" in report and "Held-out reward of sampled" in report and "| mean |" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ovis25.chat import Chat
-from ovis25.eval import IOU_HIT, EvalItem, evaluate
+from ovis25.eval import EvalItem, evaluate, is_hit
 from ovis25.synth.build import CAPTIONED, task_rng
 from ovis25.synth.world import TASKS
 
@@ -50,12 +50,10 @@ def score(model_dir: Path, items: list[EvalItem], kinds: list[str]) -> dict:
         _, rows = evaluate(chat, items, thinking, max_new_tokens=160 if thinking else 32, batch_size=64)
         hits: dict[str, list[float]] = defaultdict(list)
         for row, kind in zip(rows, kinds):
-            hit = row["score"] >= IOU_HIT if row["metric"] == "iou" else row["score"]
-            hits[row["task"]].append(hit)
-            if kind != row["task"]:
-                hits[kind].append(hit)
+            for key in dict.fromkeys((row["task"], kind)):  # the task, and its kind where it has kinds
+                hits[key].append(is_hit(row))
         out["thinking on" if thinking else "thinking off"] = {k: round(sum(v) / len(v), 3) for k, v in hits.items()}
-        out["n"] = {k: len(v) for k, v in hits.items()}
+    out["n"] = {k: len(v) for k, v in hits.items()}  # the same questions in both modes
     return out
 
 

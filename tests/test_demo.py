@@ -8,6 +8,7 @@ from conftest import REPO
 
 from ovis25 import Ovis, Processor
 from ovis25.demo import TRAIN_PHASES, run_demo
+from ovis25.synth.build import CAPTIONED
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
@@ -54,7 +55,7 @@ def test_demo_pipeline_wiring(tmp_path):
     assert all(len(it.conversations[0]["value"].split("\n")) == 2 and not it.images for it in items)  # caption, question
     probe = context_reading.score(run / "p0" / "final", items, kinds)
     for mode in ("thinking off", "thinking on"):
-        for task in ("count", "attribute", "spatial", "ocr", "chart", "grounding"):
+        for task in CAPTIONED:
             parts = [k for k in probe[mode] if k.startswith(task + ": ")]
             assert probe["n"][task] == 3 and sum(probe["n"][k] for k in parts) in ((3,) if parts else (0,))
             if parts:
@@ -67,7 +68,6 @@ def test_demo_pipeline_wiring(tmp_path):
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):
     from ovis25.demo import TEXT_NUMBERS, TEXT_THINK_PER_TASK, text_only_dataset
     from ovis25.synth import build_world
-    from ovis25.synth.build import CAPTIONED
 
     build_world(tmp_path / "world", seed=0, sizes="ci")
     text_only_dataset(tmp_path / "world")

@@ -65,6 +65,11 @@ def load_items(path: str | Path, image_dir: str | Path | None = None, limit_per_
     return items
 
 
+def is_hit(row: dict) -> float:
+    """An answer row's accuracy: its score, or for IoU whether the box overlaps enough (>= IOU_HIT)."""
+    return float(row["score"] >= IOU_HIT) if row["metric"] == "iou" else row["score"]
+
+
 def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens: int = 64,
              thinking_budget: int | None = None, batch_size: int = 16, progress: bool = True,
              **pixels) -> tuple[dict, list[dict]]:
@@ -92,7 +97,7 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
     summary: dict[str, dict] = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         scores = [r for r in rows if r["task"] == task]
-        hits = [(r["score"] >= IOU_HIT) if r["metric"] == "iou" else r["score"] for r in scores]
+        hits = [is_hit(r) for r in scores]
         summary[task] = {"accuracy": sum(hits) / len(hits), "n": len(hits), "thinking": enable_thinking}
         if scores[0]["metric"] == "iou":
             summary[task]["mean_iou"] = sum(r["score"] for r in scores) / len(scores)

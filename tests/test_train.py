@@ -354,3 +354,24 @@ def test_export_has_the_official_checkpoint_layout(tmp_path):
     assert {p.name for p in final.iterdir()} == official
     assert json.loads((final / "config.json").read_text()) == json.loads((tiny_model_dir() / "config.json").read_text())
     assert set(load_file(str(final / "model.safetensors"))) == set(load_file(str(tiny_model_dir() / "model.safetensors")))
+
+
+def test_merge_with_init_exports_a_mix_of_the_trained_and_initial_weights(tmp_path):
+    datainfo = make_dataset(tmp_path / "data")
+    exported = {}
+    for merge in (0.0, 0.25):
+        final = train(load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{tmp_path / str(merge)}"',
+                                         f'datainfo="{datainfo}"', "max_tokens=256", "max_steps=2", "lr=1e-2",
+                                         "progress=false", f"merge_with_init={merge}", *TINY_BUDGET]))
+        exported[merge] = load_file(str(final / "model.safetensors"))
+    start = load_file(str(tiny_model_dir() / "model.safetensors"))
+    assert set(exported[0.25]) == set(start)
+    moved = 0
+    for name, trained in exported[0.0].items():
+        torch.testing.assert_close(exported[0.25][name], 0.75 * trained + 0.25 * start[name], rtol=1e-6, atol=1e-7,
+                                   msg=name)
+        moved += not torch.equal(trained, start[name])
+    assert moved > 10
+    with pytest.raises(ValueError, match="merge_with_init must be in"):
+        train(load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{tmp_path / "bad"}"',
+                                 f'datainfo="{datainfo}"', "merge_with_init=1"]))

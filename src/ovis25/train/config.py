@@ -65,6 +65,9 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 1
     export: bool = True                    # write `final/` in the official checkpoint format
+    # share of the initial weights in the exported ones (weight-space ensembling, as in WiSE-FT): 0 exports the
+    # trained weights, 0.5 the midpoint between them and `init`; checkpoints for resuming keep the trained ones
+    merge_with_init: float = 0.0
     progress: bool = True
     # DPO / GRPO keys live in their own modules' configs but share this file's recipe
     extra: dict = field(default_factory=dict)
@@ -80,6 +83,8 @@ class TrainConfig:
         for name in ("max_tokens", "grad_accum", "epochs", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.merge_with_init < 1:
+            raise ValueError(f"recipe: merge_with_init must be in [0, 1), got {self.merge_with_init}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("recipe: need lr > 0, 0 <= min_lr_ratio <= 1, 0 <= warmup_ratio < 1")
 

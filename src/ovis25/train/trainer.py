@@ -356,7 +356,7 @@ def finish_run(model, processor: Processor, cfg: TrainConfig, out: Path, rank: i
     """Export (when asked), plot the metrics and write summary.json; returns the export or the run dir."""
     result = out
     if cfg.export:
-        result = export(model, processor, cfg, out / "final", rank)
+        result = export(model, processor, cfg, out / "final", rank, cfg.merge_with_init)
     if rank == 0:
         metrics_file = out / "metrics.jsonl"
         if metrics_file.exists():
@@ -496,12 +496,17 @@ def restore(model, optimizer, scheduler, ckpt_dir: Path, rank: int) -> tuple[int
     return trainer["step"], trainer.get("skipped", {})
 
 
-def export(model, processor: Processor, cfg: TrainConfig, target: Path, rank: int) -> Path:
-    """The trained weights in the official checkpoint format, with the tokenizer and configs."""
+def export(model, processor: Processor, cfg: TrainConfig, target: Path, rank: int,
+           merge_with_init: float = 0.0) -> Path:
+    """The trained weights (that share of them replaced by `cfg.init`'s, see `TrainConfig.merge_with_init`) in
+    the official checkpoint format, with the tokenizer and configs."""
     msd, _ = _full_state(model)
     if cfg.lora_rank:
         msd = merge_lora_state(msd, cfg.lora_alpha / cfg.lora_rank)
     if rank == 0:
+        if merge_with_init:
+            start = Ovis.from_pretrained(cfg.init).state_dict()
+            msd = {k: v.lerp(start[k].to(v.dtype), merge_with_init) for k, v in msd.items()}
         with torch.device("meta"):
             plain = Ovis(getattr(model, "module", model).config)
         plain.load_state_dict(msd, assign=True)

@@ -103,8 +103,10 @@ def test_packed_equals_unpacked_loss_and_gradients(tmp_path):
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-4)
     assert packed_grads.keys() == one_grads.keys() == padded_grads.keys()
     for n in packed_grads:
-        torch.testing.assert_close(packed_grads[n], one_grads[n], rtol=1e-4, atol=1e-5, msg=n)
-        torch.testing.assert_close(packed_grads[n], padded_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+        # ... and a gradient summed over many tokens (the tied embedding's reaches ~70) carries rounding of its scale
+        atol = 1e-5 * max(1.0, float(one_grads[n].abs().max()))
+        torch.testing.assert_close(packed_grads[n], one_grads[n], rtol=1e-4, atol=atol, msg=n)
+        torch.testing.assert_close(packed_grads[n], padded_grads[n], rtol=1e-4, atol=atol, msg=n)
 
 
 def test_attention_does_not_leak_across_packed_samples(tmp_path):

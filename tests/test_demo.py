@@ -4,6 +4,7 @@ import re
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 from ovis25 import Ovis, Processor
@@ -12,10 +13,12 @@ from ovis25.synth.build import CAPTIONED
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
+import weight_merge  # noqa: E402  (benchmarks/weight_merge.py)
 
 
 def test_demo_pipeline_wiring(tmp_path):
-    args = dict(overrides={"max_steps": 6, "max_tokens": 256, "epochs": 4, "progress": False}, eval_limit=2,
+    overrides = {"max_steps": 6, "max_tokens": 256, "epochs": 4, "progress": False}
+    args = dict(overrides=overrides, eval_limit=2,
                 runs_dir=tmp_path, phase_overrides={"p5": {"grpo_prompts_per_step": 4, "grpo_group_size": 2,
                                                            "grpo_max_new_tokens": 8}})
     run = run_demo("ci", "ci", **args)
@@ -61,6 +64,17 @@ def test_demo_pipeline_wiring(tmp_path):
             if parts:
                 assert sum(probe[mode][k] * probe["n"][k] for k in parts) / 3 == pytest.approx(probe[mode][task],
                                                                                               abs=2e-3)
+    # P4 exports the midpoint between P3 and its trained weights: the weight-merge benchmark trains P4 again,
+    # unmerged, and its half-way mix is the demo's P4
+    start, trained = weight_merge.retrain(run, "p4", tmp_path / "p4_unmerged", 0,
+                                          [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    assert start == run / "p3" / "final"
+    demo_p4 = dict(Ovis.from_pretrained(run / "p4" / "final").named_parameters())
+    unmerged = dict(Ovis.from_pretrained(trained).named_parameters())
+    assert any(not torch.equal(unmerged[n], p) for n, p in demo_p4.items())
+    mix = weight_merge.mixed(dict(Ovis.from_pretrained(start).named_parameters()), trained, 0.5)
+    for name, p in mix.model.named_parameters():
+        torch.testing.assert_close(p, demo_p4[name], rtol=1e-6, atol=1e-7, msg=name)
     report = (run / "report.md").read_text()
     assert "Accuracy per task" in report and "Vision pretraining (P0v)" in report and "Held-out reward of sampled" in report and "| mean |" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
 

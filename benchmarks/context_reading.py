@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ovis25.chat import Chat
+from ovis25.demo import ANSWER_TOKENS
 from ovis25.eval import EvalItem, evaluate, is_hit
 from ovis25.synth.build import CAPTIONED, task_rng
 from ovis25.synth.world import TASKS
@@ -47,7 +48,7 @@ def score(model_dir: Path, items: list[EvalItem], kinds: list[str]) -> dict:
     chat = Chat.from_pretrained(model_dir, dtype=torch.float32)
     out = {}
     for thinking in (False, True):
-        _, rows = evaluate(chat, items, thinking, max_new_tokens=160 if thinking else 32, batch_size=64)
+        _, rows = evaluate(chat, items, thinking, max_new_tokens=ANSWER_TOKENS[thinking], batch_size=64)
         hits: dict[str, list[float]] = defaultdict(list)
         for row, kind in zip(rows, kinds):
             for key in dict.fromkeys((row["task"], kind)):  # the task, and its kind where it has kinds

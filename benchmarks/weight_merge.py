@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ovis25.chat import Chat
-from ovis25.demo import PIXELS, RECIPES, TRAIN_PHASES, preference_datasets
+from ovis25.demo import ANSWER_TOKENS, PIXELS, RECIPES, TRAIN_PHASES, preference_datasets
 from ovis25.eval import evaluate, is_hit, load_items, paired_gain, pairs_by_kind, preference_accuracy
 from ovis25.train import load_recipe, train
 
@@ -54,7 +54,7 @@ def score(chat: Chat, items: list, pairs: list[dict] | None, images: Path) -> di
     """Per-item hits with thinking off and on, and (given pairs) the preference wins."""
     out = {}
     for thinking in (False, True):
-        _, rows = evaluate(chat, items, thinking, max_new_tokens=160 if thinking else 32, batch_size=64, **PIXELS)
+        _, rows = evaluate(chat, items, thinking, max_new_tokens=ANSWER_TOKENS[thinking], batch_size=64, **PIXELS)
         out["thinking on" if thinking else "thinking off"] = [is_hit(r) for r in rows]
     if pairs:
         pref = preference_accuracy(chat.model, chat.processor, pairs, images, **PIXELS)
@@ -81,16 +81,16 @@ def main() -> None:
     start = dict(Chat.from_pretrained(start_dir, dtype=torch.float32).model.named_parameters())
     scores = {share: score(mixed(start, trained_dir, share), items, pairs, world / "images") for share in shares}
     base = scores[0.0]
+
+    def cell(before: list[float], after: list[float]) -> dict:
+        return {"accuracy": round(sum(after) / len(after), 4),
+                "vs_trained": [round(x, 4) for x in paired_gain(before, after)]}
+
     summary = {}
     for share, s in scores.items():
-        row = {}
-        for mode in ("thinking off", "thinking on"):
-            row[mode] = {"accuracy": round(sum(s[mode]) / len(s[mode]), 4),
-                         "vs_trained": [round(x, 4) for x in paired_gain(base[mode], s[mode])]}
+        row = {mode: cell(base[mode], s[mode]) for mode in ("thinking off", "thinking on")}
         for kind, idx in (pairs_by_kind(s["kinds"]).items() if pairs else ()):
-            row[f"pairs: {kind}"] = {"accuracy": round(sum(s["pairs"][i] for i in idx) / len(idx), 4),
-                                     "vs_trained": [round(x, 4) for x in paired_gain(
-                                         [base["pairs"][i] for i in idx], [s["pairs"][i] for i in idx])]}
+            row[f"pairs: {kind}"] = cell([base["pairs"][i] for i in idx], [s["pairs"][i] for i in idx])
         summary[str(share)] = row
     columns = list(next(iter(summary.values())))
     print(f"\n{args.phase} of {args.run}: share of the starting weights; each score, then its change against the "

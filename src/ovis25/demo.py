@@ -39,6 +39,7 @@ VISION = {"tiny": {}, "ci": {"scenes_per_task": 3, "test_scenes_per_task": 2, "b
 HELD_OUT_PAIRS = 600  # pairs kept out of DPO to measure preference accuracy (every task in turn; <= 1/4 of all)
 GREEDY_ITEMS = 50  # test items per task for the greedy accuracy tables (the sampled reward uses all of them)
 REWARD_SAMPLES = 4  # sampled answers per held-out question when measuring GRPO's reward
+ANSWER_TOKENS = {False: 32, True: 160}  # new tokens per evaluated answer, thinking off / on (trace first)
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
 
 
@@ -130,7 +131,7 @@ def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, lim
     items = load_items(world / "test.jsonl", world / "images", limit)
     modes = [False, True] if thinking else [False]
     for think in modes:
-        summary, rows = evaluate(chat, items, think, max_new_tokens=160 if think else 32, **PIXELS)
+        summary, rows = evaluate(chat, items, think, max_new_tokens=ANSWER_TOKENS[think], **PIXELS)
         key = f"{phase}+think" if think else phase
         results[key] = summary
         (run / phase / f"answers{'-think' if think else ''}.jsonl").write_text(
@@ -140,8 +141,8 @@ def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, lim
         rewards = json.loads((run / "reward.json").read_text()) if (run / "reward.json").exists() else {}
         # a small gain needs many items to show: every test item, not only the greedy tables' share
         every_item = items if limit is None else load_items(world / "test.jsonl", world / "images")
-        rewards[phase] = sampled_reward(chat, every_item, REWARD_SAMPLES, temperature=1.0, max_new_tokens=32,
-                                        seed=0, **PIXELS)
+        rewards[phase] = sampled_reward(chat, every_item, REWARD_SAMPLES, temperature=1.0,
+                                        max_new_tokens=ANSWER_TOKENS[False], seed=0, **PIXELS)
         (run / "reward.json").write_text(json.dumps(rewards, indent=2))
 
 

@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ovis25.demo import BUDGETS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+PIXELS = BUDGETS.for_media(1, 0)  # one image, as the demo evaluates the one-image tasks
 TARGETS = {"count": 0.9, "attribute": 0.9, "ocr": 0.9, "chart": 0.7, "grounding": 0.5}  # grounding: mean IoU
-PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}  # as the demo evaluates
 
 
 def p1_checkpoint(run: Path) -> Path:
@@ -57,7 +59,8 @@ def checkpoint_model(init: Path, ckpt: Path):
 def score(model, processor, items) -> dict:
     from ovis25.chat import Chat
     from ovis25.eval import evaluate
-    summary, rows = evaluate(Chat(model, processor), items, False, max_new_tokens=32, progress=False, **PIXELS)
+    summary, rows = evaluate(Chat(model, processor), items, False, max_new_tokens=32, progress=False,
+                             budgets=BUDGETS)
     point = next(iter(summary.values()))
     numbers = [r["score"] for r in rows if r["task"] == "ocr" and r["answer"].isdigit()]
     if numbers:  # the OCR target is on reading digits

@@ -23,7 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PIXELS = {"min_pixels": 64 * 64, "max_pixels": 160 * 160}  # as the demo evaluates
 VARIANTS = {"dpo": [], "sft": ["dpo_beta=1e-9", "dpo_nll_weight=1.0"]}
 
 
@@ -38,11 +37,12 @@ def pair_world(path: Path, seed: int, pairs: int) -> list[dict]:
 
 
 def score(model_dir: Path, pairs: list[dict], image_dir: Path) -> dict:
+    from ovis25.demo import BUDGETS
     from ovis25.eval import preference_accuracy
     from ovis25.model import Ovis
     from ovis25.processing import Processor
     return preference_accuracy(Ovis.from_pretrained(model_dir), Processor.from_pretrained(model_dir), pairs,
-                               image_dir, **PIXELS)
+                               image_dir, BUDGETS)
 
 
 def by_kind(base: dict, after: dict) -> dict:

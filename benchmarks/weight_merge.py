@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ovis25.chat import Chat
-from ovis25.demo import ANSWER_TOKENS, PIXELS, RECIPES, TRAIN_PHASES, preference_datasets
+from ovis25.demo import ANSWER_TOKENS, BUDGETS, RECIPES, TRAIN_PHASES, preference_datasets
 from ovis25.eval import evaluate, is_hit, load_items, paired_gain, pairs_by_kind, preference_accuracy
 from ovis25.train import load_recipe, train
 
@@ -54,10 +54,10 @@ def score(chat: Chat, items: list, pairs: list[dict] | None, images: Path) -> di
     """Per-item hits with thinking off and on, and (given pairs) the preference wins."""
     out = {}
     for thinking in (False, True):
-        _, rows = evaluate(chat, items, thinking, max_new_tokens=ANSWER_TOKENS[thinking], batch_size=64, **PIXELS)
+        _, rows = evaluate(chat, items, thinking, max_new_tokens=ANSWER_TOKENS[thinking], batch_size=64, budgets=BUDGETS)
         out["thinking on" if thinking else "thinking off"] = [is_hit(r) for r in rows]
     if pairs:
-        pref = preference_accuracy(chat.model, chat.processor, pairs, images, **PIXELS)
+        pref = preference_accuracy(chat.model, chat.processor, pairs, images, BUDGETS)
         out["pairs"], out["kinds"] = pref["wins"], pref["kinds"]
     return out
 

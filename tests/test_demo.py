@@ -101,3 +101,13 @@ def test_text_pretraining_set_teaches_reading_from_context(tmp_path):
         words = re.findall(r"[\w.]+", re.sub(r"</?box>", "", final))  # a box's four numbers, a word, a number
         assert trace.startswith("<think>\n") and words and all(w in trace for w in words), answer
     assert all("<image>" not in t["value"] for s in samples for t in s["conversations"])
+
+
+def test_demo_evaluates_each_kind_of_media_at_the_budget_its_recipes_train_with():
+    from ovis25.demo import BUDGETS, RECIPES
+    from ovis25.train import load_recipe
+    from ovis25.train.trainer import pixel_budgets
+    for phase in ("p2", "p3", "p4", "p5"):
+        assert pixel_budgets(load_recipe(RECIPES / f"{phase}.toml")) == BUDGETS, phase
+    p1 = pixel_budgets(load_recipe(RECIPES / "p1.toml"))  # captions: one image each
+    assert p1.for_kind("single_image") == BUDGETS.for_kind("single_image")

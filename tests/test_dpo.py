@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, REPO, requires_fixtures
 from ovis25 import Ovis, Processor
+from ovis25.processing import PixelBudgets
 from ovis25.constants import IGNORE_ID
 from ovis25.train import load_recipe, train
-from ovis25.train.data import DataError, PixelBudgets, SampleBuilder, load_datainfo, plan_datasets
+from ovis25.train.data import DataError, SampleBuilder, load_datainfo, plan_datasets
 from ovis25.train.dpo import REF_CACHE, PairBins, dpo_loss, pair_logps, pair_planner
 from ovis25.train.phases import frozen_copy
 

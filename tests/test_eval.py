@@ -9,10 +9,12 @@ from PIL import Image
 
 from conftest import model_dir, requires_fixtures
 from ovis25.chat import Chat
-from ovis25.eval import evaluate, load_items, main, sampled_reward
+from ovis25.eval import evaluate, load_items, main, same_media_batches, sampled_reward
+from ovis25.processing import PixelBudgets
 
 pytestmark = [requires_fixtures, pytest.mark.usefixtures("single_thread")]
 PIXELS = {"min_pixels": 32 * 32, "max_pixels": 64 * 64}
+BUDGETS = PixelBudgets.uniform(**PIXELS)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_accuracy_per_task_counts_exact_hits_and_iou(tmp_path, chat):
     rows[0]["answer"], rows[2]["answer"] = answers[0], answers[2] + " "  # hits (normalised), q1 stays a miss
     rows[1]["answer"] = answers[1] + " and more"
     summary, scored = evaluate(chat, load_items(write_bench(tmp_path, rows)), False, max_new_tokens=6,
-                               progress=False, **PIXELS)
+                               progress=False, budgets=BUDGETS)
     assert summary["read"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "thinking": False}
     assert summary["find"]["n"] == 1 and summary["find"]["accuracy"] == (scored[3]["score"] >= 0.5)
     assert summary["find"]["mean_iou"] == scored[3]["score"]
@@ -82,14 +84,43 @@ def test_sampled_reward_is_seeded_and_leaves_the_global_rng_alone(tmp_path, chat
         row["answer"] = answer
     items = load_items(write_bench(tmp_path, rows))
     state = torch.get_rng_state()
-    first = sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, **PIXELS)
+    first = sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, budgets=BUDGETS)
     assert torch.equal(torch.get_rng_state(), state)
-    assert first == sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, **PIXELS)
+    assert first == sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, budgets=BUDGETS)
     assert first["read"]["n"] == 12 and len(first["read"]["item_rewards"]) == 3
     assert sum(first["read"]["item_rewards"]) / 3 == pytest.approx(first["read"]["reward"])
     # near-zero temperature samples the greedy answer: every sample scores
-    cold = sampled_reward(chat, items, samples=2, temperature=1e-4, max_new_tokens=6, **PIXELS)
+    cold = sampled_reward(chat, items, samples=2, temperature=1e-4, max_new_tokens=6, budgets=BUDGETS)
     assert cold["read"] == {"reward": 1.0, "n": 6, "item_rewards": [1.0, 1.0, 1.0]}
+
+
+def test_each_kind_of_media_is_evaluated_at_its_own_budget(tmp_path, chat):
+    """One image, several images and video frames each get their kind's budget (as the training recipes give
+    them), in batches of one kind; the rows equal those of evaluating each kind alone at its budget."""
+    rows = [{"id": "one", "task": "t", "image": "img/0.png", "question": "Q?", "answer": "x"},
+            {"id": "two", "task": "t", "image": ["img/0.png", "img/1.png"], "question": "Q?", "answer": "x"},
+            {"id": "clip", "task": "t", "video_frames": ["img/0.png", "img/1.png"], "question": "Q?", "answer": "x"},
+            {"id": "one'", "task": "t", "image": "img/2.png", "question": "Q?", "answer": "x"}]
+    items = load_items(write_bench(tmp_path, rows))  # 48x40 images
+    budgets = PixelBudgets(single_image_min_pixels=96 * 96, single_image_max_pixels=128 * 128,
+                           multiple_image_min_pixels=32 * 32, multiple_image_max_pixels=64 * 64,
+                           video_min_pixels=32 * 32, video_max_pixels=32 * 64)
+    runs = [([it.id for it in chunk], pixels) for chunk, pixels in same_media_batches(items, 16, budgets)]
+    assert runs == [(["one"], {"min_pixels": 9216, "max_pixels": 16384}),
+                    (["two"], {"min_pixels": 1024, "max_pixels": 4096}),
+                    (["clip"], {"min_pixels": 1024, "max_pixels": 2048}),
+                    (["one'"], {"min_pixels": 9216, "max_pixels": 16384})]
+    assert [len(c) for c, _ in same_media_batches(items[:1] * 5, 2, budgets)] == [2, 2, 1]
+    _, scored = evaluate(chat, items, False, max_new_tokens=4, progress=False, budgets=budgets)
+    alone = []
+    for kind, index in (("single_image", 0), ("multiple_image", 1), ("video", 2), ("single_image", 3)):
+        uniform = PixelBudgets.uniform(*budgets.for_kind(kind))
+        alone += evaluate(chat, items[index:index + 1], False, max_new_tokens=4, progress=False, budgets=uniform)[1]
+    assert scored == alone
+    # the budget reaches the prompt: the pair and the clip at the single-image budget have more visual tokens
+    single = PixelBudgets.uniform(*budgets.for_kind("single_image"))
+    larger = evaluate(chat, items[1:3], False, max_new_tokens=4, progress=False, budgets=single)[1]
+    assert all(big["prompt_tokens"] > small["prompt_tokens"] for big, small in zip(larger, scored[1:3]))
 
 
 def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
@@ -103,6 +134,15 @@ def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
     assert [(r["id"], r["enable_thinking"]) for r in rows] == [("a", False), ("a", True)]
     for row, mode in zip(rows, ("off", "on")):
         assert row["score"] == results[f"thinking {mode}"]["t"]["accuracy"] and row["answer"] == "x"
+    # per-kind budgets: a clip at its own, the image at --min/--max-pixels
+    clip = {"id": "c", "task": "t", "video_frames": ["img/0.png", "img/1.png"], "question": "Q?", "answer": "x"}
+    bench = write_bench(tmp_path, [{"id": "a", "task": "t", "image": "img/0.png", "question": "Q?", "answer": "x"}, clip])
+    main([str(model_dir()), "--data", str(bench), "--thinking", "off", "--max-new-tokens", "2", "--answers", str(answers),
+          "--min-pixels", "4096", "--max-pixels", "16384", "--video-min-pixels", "1024", "--video-max-pixels", "2048"])
+    budgets = PixelBudgets(4096, 16384, 4096, 16384, 1024, 2048)
+    expected = evaluate(Chat.from_pretrained(model_dir()), load_items(bench), False, 2, progress=False, budgets=budgets)[1]
+    assert [json.loads(line)["prompt_tokens"] for line in answers.read_text().splitlines()] == \
+        [r["prompt_tokens"] for r in expected]
     bench.write_text('{"id": "a"}\n')
     with pytest.raises(SystemExit, match="line 1: missing field"):
         main([str(model_dir()), "--data", str(bench)])

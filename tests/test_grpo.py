@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, REPO, requires_fixtures
 from ovis25 import Ovis, Processor
+from ovis25.processing import PixelBudgets
 from ovis25.generation import EARLY_STOP_TEXT, GenerationConfig
 from ovis25.train import load_recipe, train
-from ovis25.train.data import DataError, PixelBudgets, SampleBuilder, load_datainfo, plan_datasets
+from ovis25.train.data import DataError, SampleBuilder, load_datainfo, plan_datasets
 from ovis25.train.grpo import (GRPOOptions, OpenAIRollouts, engine_rollouts, group_advantages, grpo_token_loss,
                                openai_messages, prompt_planner)
 from ovis25.train.rewards import REWARDS, RewardScorer, answer_text, parse_rewards, register_reward

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO, model_dirs, requires_fixtures
 from ovis25 import Ovis, Processor
+from ovis25.processing import PixelBudgets
 from ovis25.train import load_recipe, train
-from ovis25.train.data import DataError, PixelBudgets, SampleBuilder, load_datainfo, plan_datasets
+from ovis25.train.data import DataError, SampleBuilder, load_datainfo, plan_datasets
 from ovis25.train.packing import collate_packed, collate_padded, pack_first_fit
 from ovis25.train.phases import LAST_VIT_BLOCK, param_groups, select_trainable
 from ovis25.train.trainer import pixel_budgets, plan_bins

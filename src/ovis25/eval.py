@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from .processing.image import PixelBudgets
 from .train.rewards import REWARDS
 
 IOU_HIT = 0.5
@@ -32,6 +33,10 @@ class EvalItem:
     video: list[Path] | None
     answer: str
     metric: str
+
+    def pixels(self, budgets: PixelBudgets | None) -> dict[str, int]:
+        """Its resize budget by its kind of media (none: the chat defaults)."""
+        return budgets.for_media(len(self.images), int(self.video is not None)) if budgets else {}
 
 
 def load_items(path: str | Path, image_dir: str | Path | None = None, limit_per_task: int | None = None) -> list[EvalItem]:
@@ -65,6 +70,18 @@ def load_items(path: str | Path, image_dir: str | Path | None = None, limit_per_
     return items
 
 
+def same_media_batches(items: list[EvalItem], size: int, budgets: PixelBudgets | None):
+    """Runs of at most `size` consecutive items that share one resize budget -> (items, pixel options)."""
+    start = 0
+    while start < len(items):
+        pixels = items[start].pixels(budgets)
+        end = start + 1
+        while end < min(start + size, len(items)) and items[end].pixels(budgets) == pixels:
+            end += 1
+        yield items[start:end], pixels
+        start = end
+
+
 def is_hit(row: dict) -> float:
     """An answer row's accuracy: its score, or for IoU whether the box overlaps enough (>= IOU_HIT)."""
     return float(row["score"] >= IOU_HIT) if row["metric"] == "iou" else row["score"]
@@ -72,16 +89,16 @@ def is_hit(row: dict) -> float:
 
 def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens: int = 64,
              thinking_budget: int | None = None, batch_size: int = 16, progress: bool = True,
-             **pixels) -> tuple[dict, list[dict]]:
-    """Greedy answers for every item -> ({task: {"accuracy", "n", "thinking"[, "mean_iou"]}}, per-item rows)."""
+             budgets: PixelBudgets | None = None) -> tuple[dict, list[dict]]:
+    """Greedy answers for every item -> ({task: {"accuracy", "n", "thinking"[, "mean_iou"]}}, per-item rows).
+    budgets: each item's resize budget by its media (single image, several, video), as in training."""
     rows = []
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(items), desc=f"eval thinking={'on' if enable_thinking else 'off'}", unit="q",
                    leave=False)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+    for chunk, pixels in same_media_batches(items, batch_size, budgets):
         results = chat.generate_batch([it.conversations for it in chunk], images=[it.images or None for it in chunk],
                                       videos=[[it.video] if it.video else None for it in chunk],
                                       enable_thinking=enable_thinking, thinking_budget=thinking_budget,
@@ -89,7 +106,8 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
         for it, res in zip(chunk, results):
             value = REWARDS[it.metric]("", res.text, it.answer)
             rows.append({"id": it.id, "task": it.task, "answer": it.answer, "response": res.text,
-                         "thinking": res.thinking, "metric": it.metric, "score": value})
+                         "thinking": res.thinking, "metric": it.metric, "score": value,
+                         "prompt_tokens": res.usage["prompt_tokens"]})
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -104,7 +122,8 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
     return summary, rows
 
 
-def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **pixels) -> dict:
+def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path,
+                        budgets: PixelBudgets | None = None) -> dict:
     """Share of preference pairs whose chosen response has the higher log-probability under the model
     -> {"accuracy", "n", "mean_margin", "wins" (1/0 per pair, in order, for `paired_gain`), "kinds" (per pair:
     its "kind" field, else "thinking" or "answer" by whether the chosen response holds a think block)}.
@@ -119,6 +138,7 @@ def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path, **
         images = pair.get("image") or []
         images = [image_dir / p for p in ([images] if isinstance(images, str) else images)]
         videos = [[image_dir / p for p in pair["video_frames"]]] if pair.get("video_frames") else None
+        pixels = budgets.for_media(len(images), int(videos is not None)) if budgets else {}
         logps = []
         for response in (pair["chosen"], pair["rejected"]):
             conv = pair["conversations"] + [{"from": "gpt", "value": response}]
@@ -143,7 +163,7 @@ def pairs_by_kind(kinds: list[str]) -> dict[str, list[int]]:
 
 
 def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: float = 1.0, max_new_tokens: int = 32,
-                   seed: int = 0, batch_size: int = 64, **pixels) -> dict[str, dict]:
+                   seed: int = 0, batch_size: int = 64, budgets: PixelBudgets | None = None) -> dict[str, dict]:
     """The mean reward of `samples` sampled answers per item, per task -> {task: {"reward", "n", "item_rewards"}}
     (n: answers; item_rewards: each item's mean, in item order, for `paired_gain`). What GRPO maximises, on
     held-out prompts: the item's metric as a reward (`iou` continuous, not a hit)."""
@@ -152,8 +172,7 @@ def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: f
     per_batch = max(1, batch_size // samples)
     with torch.random.fork_rng(devices=[]):  # the engine samples from the global generator: seed it, then restore
         torch.manual_seed(seed)
-        for start in range(0, len(items), per_batch):
-            chunk = items[start:start + per_batch]
+        for chunk, pixels in same_media_batches(items, per_batch, budgets):
             results = chat.generate_batch([it.conversations for it in chunk],
                                           images=[it.images or None for it in chunk],
                                           videos=[[it.video] if it.video else None for it in chunk], n=samples,
@@ -205,8 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--limit", type=int, default=None, help="at most this many items per task")
-    ap.add_argument("--min-pixels", type=int, default=32 * 32)
+    ap.add_argument("--min-pixels", type=int, default=32 * 32, help="resize budget of an image (and, unless set "
+                    "below, of each of several images and of each video frame); use the budgets the model trained on")
     ap.add_argument("--max-pixels", type=int, default=256 * 256)
+    for kind in ("multiple-image", "video"):
+        for bound in ("min", "max"):
+            ap.add_argument(f"--{kind}-{bound}-pixels", type=int, default=None)
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--answers", help="write every item's answer and score here (JSONL; one row per item and mode)")
     args = ap.parse_args(argv)
@@ -219,13 +242,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         sys.exit("ovis25 eval: give --suite synth --world DIR or --data FILE")
     try:
+        budgets = PixelBudgets.uniform(args.min_pixels, args.max_pixels)
+        for kind in ("multiple_image", "video"):
+            for bound in ("min", "max"):
+                if (value := getattr(args, f"{kind}_{bound}_pixels")) is not None:
+                    setattr(budgets, f"{kind}_{bound}_pixels", value)
         items = load_items(data, image_dir, args.limit)
         chat = Chat.from_pretrained(args.model_dir, dtype=torch.float32)
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.thinking]
         results, answers = {}, []
         for think in modes:
-            summary, rows = evaluate(chat, items, think, args.max_new_tokens, args.budget, min_pixels=args.min_pixels,
-                                     max_pixels=args.max_pixels)
+            summary, rows = evaluate(chat, items, think, args.max_new_tokens, args.budget, budgets=budgets)
             results[f"thinking {'on' if think else 'off'}"] = summary
             answers += [{**row, "enable_thinking": think} for row in rows]
     except ValueError as e:

@@ -6,6 +6,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -55,6 +56,39 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
+
+
+def media_kind(images: int, videos: int) -> str:
+    """The kind of a sample by its media, as the official per-kind budgets name it: single_image,
+    multiple_image, video, or text (no media)."""
+    return "video" if videos else "multiple_image" if images > 1 else "single_image" if images else "text"
+
+
+@dataclass
+class PixelBudgets:
+    """Per-kind (min, max) resize budgets of each image or video frame, named as the official training
+    arguments. A model sees at evaluation what it was trained on when both use the same budgets."""
+
+    single_image_min_pixels: int = 448 * 448
+    single_image_max_pixels: int = 1792 * 1792
+    multiple_image_min_pixels: int = 448 * 448
+    multiple_image_max_pixels: int = 896 * 896
+    video_min_pixels: int = 448 * 448
+    video_max_pixels: int = 448 * 448
+
+    @classmethod
+    def uniform(cls, min_pixels: int, max_pixels: int) -> PixelBudgets:
+        """One budget for every kind."""
+        return cls(min_pixels, max_pixels, min_pixels, max_pixels, min_pixels, max_pixels)
+
+    def for_kind(self, kind: str) -> tuple[int, int]:
+        return getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
+
+    def for_media(self, images: int, videos: int) -> dict[str, int]:
+        """{"min_pixels", "max_pixels"} for a sample with these media (text only: the single-image budget)."""
+        kind = media_kind(images, videos)
+        lo, hi = self.for_kind("single_image" if kind == "text" else kind)
+        return {"min_pixels": lo, "max_pixels": hi}
 
 
 def check_budget(min_pixels: int, max_pixels: int) -> None:

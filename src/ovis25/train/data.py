@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..constants import IGNORE_ID, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
-from ..processing import Processor, read_video, smart_resize
+from ..processing import PixelBudgets, Processor, media_kind, read_video, smart_resize
 from ..processing.chat import expand_visual_placeholders, format_conversation, num_visual_atoms
 
 log = logging.getLogger(__name__)
@@ -99,21 +99,6 @@ def read_samples(meta_file: str | Path) -> list[dict | DataError]:
                     samples.append(DataError("malformed_json", f"{meta_file}: line {n}: invalid JSON ({e.msg})"))
     return [s if isinstance(s, (dict, DataError)) else DataError("malformed_json", f"{meta_file}: sample {i} is "
                                                                  "not a JSON object") for i, s in enumerate(samples)]
-
-
-@dataclass
-class PixelBudgets:
-    """Per-kind (min, max) pixel budgets, named as the official training arguments."""
-
-    single_image_min_pixels: int = 448 * 448
-    single_image_max_pixels: int = 1792 * 1792
-    multiple_image_min_pixels: int = 448 * 448
-    multiple_image_max_pixels: int = 896 * 896
-    video_min_pixels: int = 448 * 448
-    video_max_pixels: int = 448 * 448
-
-    def for_kind(self, kind: str) -> tuple[int, int]:
-        return getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
 
 
 @dataclass
@@ -225,7 +210,7 @@ class SampleBuilder:
         if n_img != len(images) or n_vid != len(videos):
             raise DataError("placeholder_mismatch", f"{n_img} <image> / {n_vid} <video> placeholders but "
                                                     f"{len(images)} image(s) / {len(videos)} video(s)")
-        kind = "video" if videos else "multiple_image" if len(images) > 1 else "single_image" if images else "text"
+        kind = media_kind(len(images), len(videos))
         image_grids = [self._grid(self._size(p), 1, kind, str(p)) for p in images]
         video_grids = []
         for v in videos:

@@ -28,9 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import TIED_KEY
 from ..model import Ovis
-from ..processing import Processor
+from ..processing import PixelBudgets, Processor
 from .config import TrainConfig
-from .data import DataError, PixelBudgets, PlannedSample, SampleBuilder, load_datainfo, plan_datasets
+from .data import DataError, PlannedSample, SampleBuilder, load_datainfo, plan_datasets
 from .packing import collate_packed, num_targets, pack_first_fit
 from .lora import apply_lora, lora_parameters, merge_lora_state
 from .phases import PHASES, freeze_all, param_groups, reinit_vet, select_trainable
@@ -194,7 +194,7 @@ def rank_bins(bins: list, cfg: TrainConfig, rank: int, world: int, start_step: i
 
 def pixel_budgets(cfg: TrainConfig) -> PixelBudgets:
     lo, hi = PHASES.get(cfg.phase, PHASES["p3"])["pixels"]
-    budgets = PixelBudgets(lo, hi, lo, hi, lo, hi)
+    budgets = PixelBudgets.uniform(lo, hi)
     for name in vars(budgets):
         if getattr(cfg, name) is not None:
             setattr(budgets, name, getattr(cfg, name))

@@ -1,6 +1,7 @@
 """The fast CI variant of `make demo`: every phase of the tiny curriculum runs on the `ci` world."""
 import json
 import re
+import shlex
 import sys
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from conftest import REPO
 
 from ovis25 import Ovis, Processor
-from ovis25.demo import TRAIN_PHASES, run_demo
+from ovis25.cli import main as cli_main
+from ovis25.demo import TRAIN_PHASES, run_demo, try_it
 from ovis25.synth.build import CAPTIONED
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -75,6 +77,10 @@ def test_demo_pipeline_wiring(tmp_path):
     mix = weight_merge.mixed(dict(Ovis.from_pretrained(start).named_parameters()), trained, 0.5)
     for name, p in mix.model.named_parameters():
         torch.testing.assert_close(p, demo_p4[name], rtol=1e-6, atol=1e-7, msg=name)
+    # the command the demo ends with runs as printed, at the trained budget
+    command = shlex.split(try_it(run).removeprefix("Try it:").split("   (answer")[0])
+    assert command[:2] == ["ovis25", "chat"] and "--max-pixels" in command
+    assert cli_main(command[1:] + ["--max-new-tokens", "4", "--no-stream"]) == 0
     report = (run / "report.md").read_text()
     assert "Accuracy per task" in report and "Vision pretraining (P0v)" in report and "Held-out reward of sampled" in report and "| mean |" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
 

@@ -223,6 +223,16 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
     return run
 
 
+def try_it(run: Path) -> str:
+    """The chat command for the first counting test question, at the budget the model was trained with (the
+    chat's default, 448x448 and up, would show the tiny model images far larger than any it saw)."""
+    item = next(it for it in load_items(run / "world" / "test.jsonl", run / "world" / "images") if it.task == "count")
+    lo, hi = BUDGETS.for_kind("single_image")
+    question = item.conversations[0]["value"].replace("<image>\n", "")
+    return (f"Try it:  ovis25 chat {run / 'final'} --min-pixels {lo} --max-pixels {hi} --image {item.images[0]} "
+            f"\"{question}\"   (answer: {item.answer})")
+
+
 def write_timings(run: Path, timings: dict) -> dict:
     """`timings.json` in a fixed order, with "total" the sum of the parts -> that dict."""
     order = ["world", *TRAIN_PHASES, "evaluation"]
@@ -246,8 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads((run / "eval.json").read_text())
     print("\n" + format_table(results))
     print(f"\nReport: {run / 'report.md'}")
-    print(f"Try it:  ovis25 chat {run / 'final'} --image {run / 'world/images/test/count'}/test-count-00000.png "
-          f"\"How many circles are there?\"")
+    print(try_it(run))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,12 @@ class EvalItem:
     metric: str
 
     def pixels(self, budgets: PixelBudgets | None) -> dict[str, int]:
-        """Its resize budget by its kind of media (none: the chat defaults)."""
-        return budgets.for_media(len(self.images), int(self.video is not None)) if budgets else {}
+        return media_pixels(budgets, len(self.images), self.video is not None)
+
+
+def media_pixels(budgets: PixelBudgets | None, images: int, video: bool) -> dict[str, int]:
+    """The resize options for a sample with these media: its kind's budget (no budgets: the chat defaults)."""
+    return budgets.for_media(images, int(video)) if budgets else {}
 
 
 def load_items(path: str | Path, image_dir: str | Path | None = None, limit_per_task: int | None = None) -> list[EvalItem]:
@@ -138,7 +142,7 @@ def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path,
         images = pair.get("image") or []
         images = [image_dir / p for p in ([images] if isinstance(images, str) else images)]
         videos = [[image_dir / p for p in pair["video_frames"]]] if pair.get("video_frames") else None
-        pixels = budgets.for_media(len(images), int(videos is not None)) if budgets else {}
+        pixels = media_pixels(budgets, len(images), videos is not None)
         logps = []
         for response in (pair["chosen"], pair["rejected"]):
             conv = pair["conversations"] + [{"from": "gpt", "value": response}]
@@ -242,11 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         sys.exit("ovis25 eval: give --suite synth --world DIR or --data FILE")
     try:
-        budgets = PixelBudgets.uniform(args.min_pixels, args.max_pixels)
-        for kind in ("multiple_image", "video"):
-            for bound in ("min", "max"):
-                if (value := getattr(args, f"{kind}_{bound}_pixels")) is not None:
-                    setattr(budgets, f"{kind}_{bound}_pixels", value)
+        # the image's budget, for every kind not given its own
+        own = {k: v for k, v in vars(args).items() if k.startswith(("multiple_image_", "video_")) and v is not None}
+        budgets = PixelBudgets(**{**vars(PixelBudgets.uniform(args.min_pixels, args.max_pixels)), **own})
         items = load_items(data, image_dir, args.limit)
         chat = Chat.from_pretrained(args.model_dir, dtype=torch.float32)
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.thinking]

@@ -200,13 +200,18 @@ class VisualTokenizer(nn.Module):
         # LayerNorm keeps torch's default eps 1e-5, as the reference does (not the encoder's eps)
         self.head = nn.Sequential(nn.Linear(in_dim, visual_vocab_size - self.NUM_INDICATORS, bias=False),
                                   nn.LayerNorm(visual_vocab_size - self.NUM_INDICATORS))
+        # optional `(vit, pixel_values, grid_thws) -> features` that may serve a frozen ViT's output from
+        # memory (training sets `train.vision_cache.FrozenVisionCache` when the ViT does not train)
+        self.feature_cache = None
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         atoms = features.reshape(-1, self.head[0].in_features)  # 4 consecutive rows form one atom
         return self.head(atoms)
 
     def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
-        logits = self.head_logits(self.vit(pixel_values, grid_thws))
+        features = (self.vit(pixel_values, grid_thws) if self.feature_cache is None
+                    else self.feature_cache(self.vit, pixel_values, grid_thws))
+        logits = self.head_logits(features)
         probs = logits.float().softmax(dim=-1)
         return F.pad(probs, (0, self.NUM_INDICATORS))  # indicator columns never receive mass
 

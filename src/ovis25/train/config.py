@@ -60,6 +60,9 @@ class TrainConfig:
     parallel: str = "auto"                 # auto | none | ddp | fsdp
     param_dtype: str = "float32"           # FSDP2 mixed precision: bfloat16 params, float32 reduce
     activation_checkpointing: bool = False
+    # MiB of a frozen ViT's outputs kept in memory, one entry per image, so that images seen again (later
+    # epochs, DPO pairs, GRPO groups) skip the ViT; 0: off. Never used under FSDP or while the ViT trains
+    vision_cache_mb: int = 2048
     compile: bool = False
     save_every: int = 0                    # steps between checkpoints (0: only at the end)
     keep_last: int = 2
@@ -83,6 +86,8 @@ class TrainConfig:
         for name in ("max_tokens", "grad_accum", "epochs", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe: {name} must be >= 1, got {getattr(self, name)}")
+        if self.vision_cache_mb < 0:
+            raise ValueError(f"recipe: vision_cache_mb must be >= 0 (0: off), got {self.vision_cache_mb}")
         if not 0 <= self.merge_with_init < 1:
             raise ValueError(f"recipe: merge_with_init must be in [0, 1), got {self.merge_with_init}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_ratio < 1:

@@ -36,6 +36,7 @@ from .lora import apply_lora, lora_parameters, merge_lora_state
 from .phases import PHASES, freeze_all, param_groups, reinit_vet, select_trainable
 from .state import (latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state,
                     set_rng_state)
+from .vision_cache import FrozenVisionCache
 
 log = logging.getLogger("ovis25.train")
 
@@ -93,6 +94,10 @@ def parallelize(model: Ovis, cfg: TrainConfig, world: int, device: torch.device)
             block.compile(dynamic=True)
     model.to(device)
     mode = parallel_mode(cfg, world)
+    vit = model.visual_tokenizer.vit
+    # not under FSDP: a rank serving an image from memory would skip the all-gathers the others run
+    if cfg.vision_cache_mb and mode != "fsdp" and not any(p.requires_grad for p in vit.parameters()):
+        model.visual_tokenizer.feature_cache = FrozenVisionCache(cfg.vision_cache_mb * 2**20)
     if mode == "none" or (mode == "ddp" and not any(p.requires_grad for p in model.parameters())):
         return model
     if mode == "ddp":
@@ -449,6 +454,9 @@ def close_run(model, processor, cfg: TrainConfig, out: Path, rank: int, builder,
         progress.close()
     if rank == 0:
         log.info("done: %s; skipped while training: %s", builder.skips.summary(), skip_counts or "none")
+        cache = getattr(model, "module", model).visual_tokenizer.feature_cache
+        if cache is not None:
+            log.info("%s", cache.summary())
     summary = {"steps": total_steps, "skipped": skip_counts, "plan_skips": dict(builder.skips.counts)}
     return finish_run(model, processor, cfg, out, rank, summary)
 

@@ -99,7 +99,8 @@ def test_cache_stops_storing_at_its_limit():
 
 def run_losses(tmp_path, name: str, extra: list[str]) -> tuple[list[float], dict]:
     out = tmp_path / name
-    cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{out}"', f'datainfo="{tmp_path / "data/datainfo.json"}"',
+    datainfo = tmp_path / "data" / "datainfo.json"
+    cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{out}"', f'datainfo="{datainfo}"',
                              "max_tokens=256", "epochs=2", "lr=1e-3", "progress=false",
                              'train_modules="llm|vte|visual_tokenizer.head"', *TINY_BUDGET, *extra])
     final = train(cfg)

@@ -1,5 +1,6 @@
 """The fast CI variant of `make demo`: every phase of the tiny curriculum runs on the `ci` world."""
 import json
+import random
 import re
 import shlex
 import sys
@@ -12,9 +13,12 @@ from ovis25 import Ovis, Processor
 from ovis25.cli import main as cli_main
 from ovis25.demo import TRAIN_PHASES, run_demo, try_it
 from ovis25.synth.build import CAPTIONED
+from ovis25.synth.regions import CLASS, CLASSES
+from ovis25.synth.world import SHAPES
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
+import token_oracle  # noqa: E402  (benchmarks/token_oracle.py)
 import weight_merge  # noqa: E402  (benchmarks/weight_merge.py)
 
 
@@ -77,6 +81,23 @@ def test_demo_pipeline_wiring(tmp_path):
     mix = weight_merge.mixed(dict(Ovis.from_pretrained(start).named_parameters()), trained, 0.5)
     for name, p in mix.model.named_parameters():
         torch.testing.assert_close(p, demo_p4[name], rtol=1e-6, atol=1e-7, msg=name)
+    # the token oracle's perfect tokens state the count: one centre token per counted object (two centres in
+    # one 32-pixel cell share a token; 0.3% of count images), and a short run of each kind of tokens trains
+    oracle, count = token_oracle.Oracle(run / "p1" / "final", "oracle"), token_oracle.Count(echo=False)
+    for item in count.test_items(random.Random(0), 5):
+        _, _, pixels, grid = oracle.processor.format_conversation(
+            [{"from": "human", "value": f"<image>\n{item.question}"}], images=[item.image], **token_oracle.PIXELS)
+        classes = oracle.perfect_form(item, pixels, grid)[:, :len(CLASSES)].argmax(-1).tolist()
+        shape = next(s for s in SHAPES if item.question == f"How many {s}s are there?")
+        counted = [o for o in item.objs if o.shape == shape]  # distractors differ in shape and colour
+        assert len(counted) == int(item.answer) and len({o.color for o in counted}) == 1
+        (width, height), (_, rows, cols) = item.image.size, grid[0].tolist()
+        cells = {(int(o.center[1] * rows / 2 / height), int(o.center[0] * cols / 2 / width)) for o in counted}
+        assert classes.count(CLASS[f"{counted[0].color} {shape} centre"]) == len(cells)
+    for variant in ("real", "oracle", "argmax"):
+        result = token_oracle.train_variant(run / "p1" / "final", "count", variant, steps=2, batch=2, test_n=3,
+                                            evals=1, seed=0)
+        assert 0 <= result["accuracy"] <= 1 and result["by_count"] and len(result["curve"]) == 2
     # the command the demo ends with runs as printed, at the trained budget
     command = shlex.split(try_it(run).removeprefix("Try it:").split("   (answer")[0])
     assert command[:2] == ["ovis25", "chat"] and "--max-pixels" in command

@@ -200,6 +200,7 @@ def train_variant(init: Path, task_name: str, variant: str, steps: int, batch: i
     opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k], "base_lr": lrs[k]} for k, ps in groups.items()],
                             weight_decay=0.0, betas=(0.9, 0.95))
     rng, curve, t0 = random.Random(seed), [{"step": 0, **score(oracle, task, test)}], time.perf_counter()
+    eval_steps = {round(k * steps / evals) for k in range(1, evals + 1)}
     for step in range(1, steps + 1):
         scale = lr_lambda(step - 1, steps, max(1, round(WARMUP * steps)), MIN_LR_RATIO)
         for group in opt.param_groups:
@@ -212,7 +213,7 @@ def train_variant(init: Path, task_name: str, variant: str, steps: int, batch: i
             (model(None, inputs_embeds=embeds, targets=targets).loss / supervised).backward()
         torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], 1.0)
         opt.step()
-        if step % max(1, steps // evals) == 0 or step == steps:
+        if step in eval_steps:
             point = {"step": step, "questions": step * batch, "train_s": round(time.perf_counter() - t0),
                      **score(oracle, task, test)}
             curve.append(point)

@@ -87,6 +87,13 @@ def test_one_label_per_visual_token_and_centres_marked(task):
         assert centres == wanted
 
 
+def test_centre_classes():
+    import torch
+
+    from ovis25.synth.regions import is_centre
+    assert is_centre(torch.arange(len(CLASSES))).tolist() == [name.endswith(" centre") for name in CLASSES]
+
+
 def test_vision_pretraining_lowers_the_loss(tmp_path):
     world = build_world(tmp_path / "world", seed=0, sizes="ci")
     assert world["samples"]["qa"] > 0
@@ -98,6 +105,9 @@ def test_vision_pretraining_lowers_the_loss(tmp_path):
     assert len(losses) == 40 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     accuracy = json.loads((tmp_path / "p0v" / "token_accuracy.json").read_text())
     assert set(accuracy) == set(TASKS) and all(0 <= a["objects"] <= 1 for a in accuracy.values())
+    # centre tokens are scored where the images have objects, and only there
+    assert 0 <= accuracy["count"]["centres"] <= 1 and accuracy["count"]["false_centres"] >= 0
+    assert "centres" not in accuracy["ocr"]
     assert all(0 <= a["position_error"] <= 1 for a in accuracy.values())
     # only the visual tokenizer changed
     from ovis25 import Ovis

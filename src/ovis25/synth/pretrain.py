@@ -22,7 +22,7 @@ from ..model import Ovis
 from ..processing import Processor
 from ..train.trainer import lr_lambda
 from .build import task_rng
-from .regions import CLASSES, read_positions, token_labels, token_positions, token_targets
+from .regions import CLASSES, is_centre, read_positions, token_labels, token_positions, token_targets
 from .world import TASKS
 
 log = logging.getLogger("ovis25.synth.pretrain")
@@ -92,10 +92,12 @@ def token_accuracy(model: Ovis, items: list[Item]) -> dict[str, dict[str, float]
     for task in TASKS:
         pixel_values, grids, labels = collate([i for i in items if i.task == task])
         logits = vt.head_logits(vt.vit(pixel_values, grids))
-        pred, shown = logits[:, :len(CLASSES)].argmax(-1), labels > 0
+        pred, shown, centres = logits[:, :len(CLASSES)].argmax(-1), labels > 0, is_centre(labels)
         error = (read_positions(logits.softmax(-1)) - token_positions(grids, vt.config.hidden_stride)).abs().mean()
         out[task] = {"tokens": round((pred == labels).float().mean().item(), 4),
                      "objects": round((pred[shown] == labels[shown]).float().mean().item(), 4),
+                    **({"centres": round((pred[centres] == labels[centres]).float().mean().item(), 4),
+                        "false_centres": int((is_centre(pred) & (pred != labels)).sum())} if centres.any() else {}),
                      "position_error": round(error.item(), 4)}
     vt.train()
     return out

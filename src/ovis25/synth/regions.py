@@ -28,6 +28,7 @@ CLASSES = (["background"] + [f"{c} {s}" for c in COLORS for s in SHAPES]
            + [f"{c} {s} centre" for c in COLORS for s in SHAPES]
            + [f"character {ch}" for ch in CHARACTERS] + [f"{c} bar" for c in COLORS] + ["axis"])
 CLASS = {name: i for i, name in enumerate(CLASSES)}
+CENTRES = range(1 + len(COLORS) * len(SHAPES), 1 + 2 * len(COLORS) * len(SHAPES))  # after background and bodies
 # Where a token is: after the classes, POSITION_BINS visual words for its column and as many for its row,
 # relative to the image (0 = left/top edge, 1 = right/bottom), softly split between the two nearest bins.
 POSITION_BINS = 8
@@ -36,6 +37,11 @@ ROW_WORDS = range(COLUMN_WORDS.stop, COLUMN_WORDS.stop + POSITION_BINS)
 MIN_SHARE = 1 / 16  # a token is labelled with a class covering at least this share of its region
 # Characters are small: one outweighs the bar or axis it shares a token with.
 PRIORITY = np.array([4 if name.startswith("character") else 1 for name in CLASSES])
+
+
+def is_centre(classes: torch.Tensor) -> torch.Tensor:
+    """Which of these class ids name an object's centre."""
+    return (classes >= CENTRES.start) & (classes < CENTRES.stop)
 
 
 def object_class(obj: dict, centre: bool = False) -> int:

@@ -96,9 +96,10 @@ def token_accuracy(model: Ovis, items: list[Item]) -> dict[str, dict[str, float]
         error = (read_positions(logits.softmax(-1)) - token_positions(grids, vt.config.hidden_stride)).abs().mean()
         out[task] = {"tokens": round((pred == labels).float().mean().item(), 4),
                      "objects": round((pred[shown] == labels[shown]).float().mean().item(), 4),
-                    **({"centres": round((pred[centres] == labels[centres]).float().mean().item(), 4),
-                        "false_centres": int((is_centre(pred) & (pred != labels)).sum())} if centres.any() else {}),
                      "position_error": round(error.item(), 4)}
+        if centres.any():  # images with objects: are their centres found, and named where there are none?
+            out[task]["centres"] = round((pred[centres] == labels[centres]).float().mean().item(), 4)
+            out[task]["false_centres"] = int((is_centre(pred) & (pred != labels)).sum())
     vt.train()
     return out
 

@@ -2,7 +2,7 @@
 
 The real Ovis2.5 starts from a SigLIP2 ViT that already sees shapes, colours and text. The demo's ViT starts
 from random weights, and learning to see *through* the softmax visual tokenizer from captions alone is slow
-and unstable at this size (README, "Demo results"). So before P1 the demo pretrains the visual tokenizer to
+and unstable at this size (DEMO.md). So before P1 the demo pretrains the visual tokenizer to
 name the region under each visual token, using the generator's own scene description: background, the body
 or the centre of a (colour, shape) object, a character, a bar, the axis. The head's existing softmax over
 the visual vocabulary is the classifier, so after this phase each visual word means something and P1 only

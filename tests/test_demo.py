@@ -103,7 +103,7 @@ def test_demo_pipeline_wiring(tmp_path):
     assert command[:2] == ["ovis25", "chat"] and "--max-pixels" in command
     assert cli_main(command[1:] + ["--max-new-tokens", "4", "--no-stream"]) == 0
     report = (run / "report.md").read_text()
-    assert "Accuracy per task" in report and "Vision pretraining (P0v)" in report and "Held-out reward of sampled" in report and "| mean |" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
+    assert "Accuracy per task" in report and "constant answer |" in report and "Vision pretraining (P0v)" in report and "Held-out reward of sampled" in report and "| mean |" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
 
 
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):

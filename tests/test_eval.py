@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import model_dir, requires_fixtures
 from ovis25.chat import Chat
-from ovis25.eval import evaluate, load_items, main, same_media_batches, sampled_reward
+from ovis25.eval import constant_answer_baseline, evaluate, load_items, main, same_media_batches, sampled_reward
 from ovis25.processing import PixelBudgets
 
 pytestmark = [requires_fixtures, pytest.mark.usefixtures("single_thread")]
@@ -129,7 +129,9 @@ def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
     main([str(model_dir()), "--data", str(bench), "--thinking", "both", "--max-new-tokens", "4", "--out", str(out),
           "--answers", str(answers)])
     results = json.loads(out.read_text())
-    assert results["thinking off"]["t"]["n"] == 1 and "| t |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert results["thinking off"]["t"]["n"] == 1 and "| t |" in printed and "constant answer |" in printed
+    assert "constant answer" not in results  # a guessing level, not a mode of the model
     rows = [json.loads(line) for line in answers.read_text().splitlines()]  # one per item and mode
     assert [(r["id"], r["enable_thinking"]) for r in rows] == [("a", False), ("a", True)]
     for row, mode in zip(rows, ("off", "on")):
@@ -146,3 +148,17 @@ def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
     bench.write_text('{"id": "a"}\n')
     with pytest.raises(SystemExit, match="line 1: missing field"):
         main([str(model_dir()), "--data", str(bench)])
+
+
+def test_constant_answer_baseline_is_the_best_single_answer():
+    row = {"response": "ignored", "score": 0.0}
+    counts = [{**row, "task": "count", "metric": "number", "answer": a} for a in ["3", "3", "2", "3.0"]]
+    left, right = "<box>(0.0,0.0),(0.5,1.0)</box>", "<box>(0.5,0.0),(1.0,1.0)</box>"
+    boxes = [{**row, "task": "ground", "metric": "iou", "answer": a} for a in [left, left, right, left]]
+    base = constant_answer_baseline(counts + boxes)
+    assert base["count"] == {"accuracy": 0.75, "n": 4, "thinking": False}  # "3" also scores "3.0" as a number
+    # the left box: three exact hits and one box it does not overlap (hit = IoU >= 0.5)
+    assert base["ground"]["accuracy"] == 0.75 and base["ground"]["mean_iou"] == pytest.approx(0.75)
+    middle = "<box>(0.25,0.0),(0.75,1.0)</box>"  # overlaps the right box by a third: partial IoU counts
+    base = constant_answer_baseline([{**r, "answer": middle} for r in boxes[:1]] + boxes[2:3])
+    assert base["ground"]["mean_iou"] == pytest.approx((1 + 1 / 3) / 2)

@@ -116,6 +116,11 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    return summarize(rows, enable_thinking), rows
+
+
+def summarize(rows: list[dict], enable_thinking: bool) -> dict[str, dict]:
+    """Scored answer rows -> {task: {"accuracy", "n", "thinking"[, "mean_iou"]}}."""
     summary: dict[str, dict] = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         scores = [r for r in rows if r["task"] == task]
@@ -123,7 +128,20 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
         summary[task] = {"accuracy": sum(hits) / len(hits), "n": len(hits), "thinking": enable_thinking}
         if scores[0]["metric"] == "iou":
             summary[task]["mean_iou"] = sum(r["score"] for r in scores) / len(scores)
-    return summary, rows
+    return summary
+
+
+def constant_answer_baseline(rows: list[dict]) -> dict[str, dict]:
+    """What a model that ignores the image reaches on these items: per task, the summary of always giving
+    the one reference answer that scores best on them (the most common one, or for boxes the best single
+    box). Chosen on the items themselves, so it is an upper bound on guessing."""
+    best_rows = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        items = [r for r in rows if r["task"] == task]
+        answers = [[{**r, "response": a, "score": REWARDS[r["metric"]]("", a, r["answer"])} for r in items]
+                   for a in dict.fromkeys(r["answer"] for r in items)]
+        best_rows += max(answers, key=lambda scored: sum(r["score"] for r in scored))
+    return summarize(best_rows, False)
 
 
 def preference_accuracy(model, processor, pairs: list[dict], image_dir: Path,
@@ -259,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
             answers += [{**row, "enable_thinking": think} for row in rows]
     except ValueError as e:
         sys.exit(f"ovis25 eval: {e}")
-    print(format_table(results))
+    # the guessing level beside the model: an image-blind constant answer (not a mode, so not in --out)
+    print(format_table({**results, "constant answer": constant_answer_baseline(answers)}))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     if args.answers:

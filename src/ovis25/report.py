@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .eval import format_table, paired_gain, pairs_by_kind
+from .eval import constant_answer_baseline, format_table, paired_gain, pairs_by_kind
 from .grounding import draw_grounding, parse_boxes
 
 
@@ -43,19 +43,30 @@ def plot_losses(run: Path, out: Path) -> bool:
     return True
 
 
-def plot_accuracy(results: dict, out: Path) -> bool:
+def plot_accuracy(results: dict, out: Path, baseline: dict | None = None) -> bool:
+    """Bars per task and phase (mean IoU for box answers, which are rarely exact), with `baseline` (a
+    summary such as `constant_answer_baseline`) drawn across each task's bars."""
     plt = _plt()
     if plt is None or not results:
         return False
     columns = list(results)
     tasks = list(dict.fromkeys(t for col in results.values() for t in col))
+
+    def score(summary: dict) -> float:
+        return summary.get("mean_iou", summary.get("accuracy", 0.0))
+
     fig, ax = plt.subplots(figsize=(10, 3.8))
     width = 0.8 / len(columns)
     for i, col in enumerate(columns):
-        ax.bar([t + i * width for t in range(len(tasks))], [results[col].get(task, {}).get("accuracy", 0)
-                                                              for task in tasks], width, label=col)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
-    ax.set(ylabel="accuracy (held out)", ylim=(0, 1), title="accuracy per task after each phase")
+        ax.bar([t + i * width for t in range(len(tasks))], [score(results[col].get(task, {})) for task in tasks],
+               width, label=col)
+    for t, task in enumerate(tasks):
+        if baseline and task in baseline:
+            ax.hlines(score(baseline[task]), t - width / 2, t + 0.8 - width / 2, colors="black", linestyles="dashed",
+                      label="constant answer" if t == 0 else None)
+    iou = {t for col in results.values() for t, s in col.items() if "mean_iou" in s}
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], [f"{t} (IoU)" if t in iou else t for t in tasks])
+    ax.set(ylabel="accuracy (boxes: mean IoU)", ylim=(0, 1), title="held-out accuracy per task after each phase")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -145,7 +156,14 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
         lines += [f"| {task} | {a['tokens']:.2f} | {a['objects']:.2f} | "
                   + (f"{a['position_error']:.3f} |" if "position_error" in a else "- |") for task, a in vision.items()]
         lines += [""]
-    lines += ["## Accuracy per task (held out)", "", format_table(results), ""]
+    # the guessing level, on the items the phases were scored on
+    answer_files = sorted(run.glob("p*/answers.jsonl"))
+    baseline = constant_answer_baseline([json.loads(line) for line in answer_files[-1].read_text().splitlines()
+                                         if line.strip()]) if answer_files else None
+    lines += ["## Accuracy per task (held out)", "",
+              "Greedy answers; `constant answer` is what ignoring the image reaches: always the one reference answer "
+              "(for boxes, the one box) that scores best on these items.", "",
+              format_table({**results, "constant answer": baseline} if baseline else results), ""]
     if (run / "preference.json").exists():
         lines += preference_table(json.loads((run / "preference.json").read_text()))
     if (run / "p5" / "metrics.jsonl").exists():
@@ -171,7 +189,7 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
         both = [t for t in tasks if t in first and t in last]
         pooled = [[x for t in both for x in part[t]["item_rewards"]] for part in (first, last)]
         lines += ["| mean | " + " | ".join(f"{m:.3f}" for m in means) + f" | {gain_cell(*pooled)} | |", ""]
-    if plot_accuracy(results, run / "accuracy.png"):
+    if plot_accuracy(results, run / "accuracy.png", baseline):
         lines += ["![accuracy](accuracy.png)", ""]
     if plot_losses(run, run / "loss.png"):
         lines += ["## Training loss", "", "![loss](loss.png)", ""]

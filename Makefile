@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,serve,video,train]"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m ovis25.demo
+demo: $(STAMP)  # options of python -m ovis25.demo go in ARGS, e.g. make demo ARGS="--seed 1 --name seed1"
+	$(PY) -m ovis25.demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

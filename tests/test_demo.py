@@ -3,6 +3,7 @@ import json
 import random
 import re
 import shlex
+import shutil
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import REPO
 
 from ovis25 import Ovis, Processor
 from ovis25.cli import main as cli_main
-from ovis25.demo import TRAIN_PHASES, run_demo, try_it
+from ovis25.demo import TRAIN_PHASES, StaleRunError, run_demo, try_it
 from ovis25.synth.build import CAPTIONED
 from ovis25.synth.regions import CLASS, CLASSES
 from ovis25.synth.world import SHAPES
@@ -20,6 +21,28 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
 import token_oracle  # noqa: E402  (benchmarks/token_oracle.py)
 import weight_merge  # noqa: E402  (benchmarks/weight_merge.py)
+
+
+def test_a_resumed_demo_refuses_phases_trained_from_other_settings(tmp_path):
+    overrides = {"max_steps": 2, "max_tokens": 256, "progress": False}
+    p5 = {"grpo_prompts_per_step": 2, "grpo_group_size": 2, "grpo_max_new_tokens": 4}
+    args = dict(overrides=overrides, eval_limit=1, runs_dir=tmp_path)
+    run = run_demo("ci", "ci", phase_overrides={"p5": p5}, **args)
+    kept = {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in TRAIN_PHASES}
+    changed = {"p4": {"lr": 1e-5}, "p5": p5}  # P4's settings differ: P4 and P5 no longer follow from them
+    with pytest.raises(StaleRunError, match=r"p4, p5 trained from another recipe.*--retrain"):
+        run_demo("ci", "ci", phase_overrides=changed, **args)
+    with pytest.raises(StaleRunError, match="seed 0"):
+        run_demo("ci", "ci", seed=1, phase_overrides={"p5": p5}, **args)
+    assert {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in TRAIN_PHASES} == kept
+    run_demo("ci", "ci", phase_overrides=changed, retrain=True, **args)
+    now = {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in TRAIN_PHASES}
+    assert [p for p in TRAIN_PHASES if now[p] != kept[p]] == ["p4", "p5"]
+    run_demo("ci", "ci", phase_overrides=changed, **args)  # now in step: resumes without training
+    assert {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in TRAIN_PHASES} == now
+    shutil.rmtree(run / "p5" / "final")  # as if P5 had been interrupted: its checkpoints would resume
+    with pytest.raises(StaleRunError, match=r"p5 trained from another recipe or settings than now: pass"):
+        run_demo("ci", "ci", phase_overrides={"p4": {"lr": 1e-5}}, **args)
 
 
 def test_demo_pipeline_wiring(tmp_path):

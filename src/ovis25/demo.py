@@ -1,6 +1,6 @@
 """`make demo`: train a tiny Ovis from scratch through the whole curriculum on the synthetic world.
 
-    python -m ovis25.demo [--name demo] [--preset tiny|ci] [--seed 0] [--eval-limit 50]
+    python -m ovis25.demo [--name demo] [--preset tiny|ci] [--seed 0] [--eval-limit 50] [--retrain]
 
 Writes `runs/<name>/`: the world, an initial checkpoint, one checkpoint per phase (official format), and
 after every phase `eval.json` = {phase: {task: {"accuracy", "n", "thinking"[, "mean_iou"]}}} (phases with
@@ -10,6 +10,10 @@ with each question's: what GRPO maximises), `timings.json` (seconds for the worl
 evaluation), then `report.md` with plots, examples, and the P3 -> P4 and P4 -> P5 changes with their 95%
 intervals over the same held-out items.
 
+Run again, it resumes: finished phases are kept. A phase whose recipe or settings changed since it was trained
+(and so every later phase) is refused unless `--retrain`, which trains those again; another seed or preset
+needs another `--name`.
+
 Phases (recipes in recipes/tiny/): P0 language pretraining of the from-scratch LLM on the world's text
 and P0v vision pretraining of the from-scratch visual tokenizer on region labels (a real run starts from
 a pretrained Qwen3 and SigLIP2 instead), P1 VET pretraining on captions, P2 multimodal pretraining, P3
@@ -18,11 +22,15 @@ instruction tuning with thinking traces, P4 DPO, P5 GRPO.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +38,9 @@ from .chat import Chat
 from .eval import evaluate, format_table, load_items, pairs_by_kind, preference_accuracy, sampled_reward
 from .processing import PixelBudgets
 from .report import write_report
+
+if TYPE_CHECKING:
+    from .synth.pretrain import VisionPretrainConfig
 
 log = logging.getLogger("ovis25.demo")
 REPO = Path(__file__).resolve().parents[2]
@@ -47,6 +58,7 @@ GREEDY_ITEMS = 50  # test items per task for the greedy accuracy tables (the sam
 REWARD_SAMPLES = 4  # sampled answers per held-out question when measuring GRPO's reward
 ANSWER_TOKENS = {False: 32, True: 160}  # new tokens per evaluated answer, thinking off / on (trace first)
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
+FINGERPRINT = "inputs.sha256"  # in each phase's directory: the phase_fingerprints() entry it was trained from
 
 
 def preference_datasets(world: Path) -> list[dict]:
@@ -152,17 +164,72 @@ def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, lim
         (run / "reward.json").write_text(json.dumps(rewards, indent=2))
 
 
+class StaleRunError(ValueError):
+    """A run directory holds phases trained from other inputs than the ones asked for."""
+
+
+def vision_config(preset: str, overrides: dict) -> VisionPretrainConfig:
+    from .synth.pretrain import VisionPretrainConfig
+    steps = {"steps": overrides["max_steps"]} if "max_steps" in overrides else {}
+    return VisionPretrainConfig(**VISION[preset], **steps)
+
+
+def phase_fingerprints(preset: str, seed: int, overrides: dict, phase_overrides: dict) -> dict[str, str]:
+    """Per phase, a hash of everything its checkpoint was trained from: the preset and seed, its recipe (or
+    P0v's config) with the overrides, and the phase before it's fingerprint, so a change reaches every later
+    phase."""
+    fingerprint, out = f"{preset}:{seed}", {}
+    for phase in TRAIN_PHASES:
+        if phase == "p0v":
+            inputs = json.dumps(asdict(vision_config(preset, overrides)), sort_keys=True)
+        else:
+            keys = {k: v for k, v in {**overrides, **phase_overrides.get(phase, {})}.items() if k != "progress"}
+            inputs = (RECIPES / f"{phase}.toml").read_text() + json.dumps(keys, sort_keys=True)
+        fingerprint = out[phase] = hashlib.sha256((fingerprint + "\n" + inputs).encode()).hexdigest()
+    return out
+
+
+def check_resumable(run: Path, preset: str, seed: int, fingerprints: dict[str, str], retrain: bool) -> None:
+    """Refuse to resume a run whose world or finished phases came from other inputs (a stale checkpoint would be
+    kept silently); with `retrain`, delete the stale phases, which are then trained again."""
+    from .synth.build import resolve_sizes
+    manifest = run / "world" / "world.json"
+    if manifest.exists():
+        world = json.loads(manifest.read_text())
+        if world.get("seed") != seed or world.get("sizes") != resolve_sizes(preset):
+            raise StaleRunError(f"{run} holds a world built with seed {world.get('seed')} and sizes {world.get('sizes')},"
+                                f" not seed {seed} with the {preset!r} preset: choose another --name (or delete {run})")
+    # a phase's fingerprint is written when it starts, so an interrupted phase is checked too (its checkpoints
+    # would resume); phases trained before fingerprints were written have none and are kept
+    stale = [p for p in TRAIN_PHASES
+             if (run / p / FINGERPRINT).exists() and (run / p / FINGERPRINT).read_text().strip() != fingerprints[p]]
+    if not stale:
+        return
+    later = TRAIN_PHASES[TRAIN_PHASES.index(stale[0]):]
+    if not retrain:
+        reach = f" (a change in {stale[0]} reaches every later phase)" if len(later) > 1 else ""
+        raise StaleRunError(f"{run}: {', '.join(stale)} trained from another recipe or settings than now{reach}: pass "
+                            f"--retrain (make demo ARGS=--retrain) to train {', '.join(later)} again, or choose "
+                            f"another --name")
+    log.warning("%s: %s stale; training %s again", run, ", ".join(stale), ", ".join(later))
+    for phase in later:
+        shutil.rmtree(run / phase, ignore_errors=True)
+
+
 def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides: dict | None = None,
              eval_limit: int | None = GREEDY_ITEMS, runs_dir: Path = Path("runs"),
-             phase_overrides: dict[str, dict] | None = None) -> Path:
+             phase_overrides: dict[str, dict] | None = None, retrain: bool = False) -> Path:
     """Run (or resume: finished phases are kept) the curriculum; `overrides` apply to every phase's recipe,
-    `phase_overrides[phase]` to one phase only."""
+    `phase_overrides[phase]` to one phase only. A resumed run refuses phases trained from other inputs
+    (`StaleRunError`) unless `retrain`, which trains them and every later phase again."""
     from .synth import build_world, write_model_dir
-    from .synth.pretrain import VisionPretrainConfig, pretrain_visual_tokenizer
+    from .synth.pretrain import pretrain_visual_tokenizer
     from .train import load_recipe, train
 
-    overrides = overrides or {}
+    overrides, phase_overrides = overrides or {}, phase_overrides or {}
     run = runs_dir / name
+    fingerprints = phase_fingerprints(preset, seed, overrides, phase_overrides)
+    check_resumable(run, preset, seed, fingerprints, retrain)
     run.mkdir(parents=True, exist_ok=True)
     # seconds per part of the run; a resumed run keeps the times of what it does not redo
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
@@ -186,14 +253,16 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
         t0 = time.perf_counter()
         final = run / phase / "final"
         trained = not (final / "config.json").exists()
+        if trained:
+            (run / phase).mkdir(exist_ok=True)
+            (run / phase / FINGERPRINT).write_text(fingerprints[phase] + "\n")
         if phase == "p0v" and trained:
-            steps = {"steps": overrides["max_steps"]} if "max_steps" in overrides else {}
-            pretrain_visual_tokenizer(previous, run / phase, seed, VisionPretrainConfig(**VISION[preset], **steps),
+            pretrain_visual_tokenizer(previous, run / phase, seed, vision_config(preset, overrides),
                                       progress=overrides.get("progress", True))
         elif trained:
             keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{world / "datainfo.json"}"',
                     f"seed={seed}"] + [f"{k}={json.dumps(v)}" for k, v in
-                                       {**overrides, **(phase_overrides or {}).get(phase, {})}.items()]
+                                       {**overrides, **phase_overrides.get(phase, {})}.items()]
             train(load_recipe(RECIPES / f"{phase}.toml", keys))
         if trained:
             timings[phase] = time.perf_counter() - t0
@@ -249,10 +318,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=GREEDY_ITEMS,
                     help="greedy accuracy on at most this many test items per task (the sampled reward uses all)")
+    ap.add_argument("--retrain", action="store_true",
+                    help="train again the phases of runs/<name> whose recipe changed since (and every later one)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run = run_demo(args.name, args.preset, args.seed, eval_limit=args.eval_limit)
+    try:
+        run = run_demo(args.name, args.preset, args.seed, eval_limit=args.eval_limit, retrain=args.retrain)
+    except StaleRunError as e:
+        raise SystemExit(f"ovis25 demo: {e}") from None
     results = json.loads((run / "eval.json").read_text())
     print("\n" + format_table(results))
     print(f"\nReport: {run / 'report.md'}")

@@ -37,7 +37,7 @@ import torch
 from .chat import Chat
 from .eval import evaluate, format_table, load_items, pairs_by_kind, preference_accuracy, sampled_reward
 from .processing import PixelBudgets
-from .report import write_report
+from .report import with_guessing_level, write_report
 
 if TYPE_CHECKING:
     from .synth.pretrain import VisionPretrainConfig
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     except StaleRunError as e:
         raise SystemExit(f"ovis25 demo: {e}") from None
     results = json.loads((run / "eval.json").read_text())
-    print("\n" + format_table(results))
+    print("\n" + format_table(with_guessing_level(run, results)))
     print(f"\nReport: {run / 'report.md'}")
     print(try_it(run))
 

@@ -131,6 +131,9 @@ def summarize(rows: list[dict], enable_thinking: bool) -> dict[str, dict]:
     return summary
 
 
+GUESSING = "constant answer"  # the label of constant_answer_baseline's column beside a model's
+
+
 def constant_answer_baseline(rows: list[dict]) -> dict[str, dict]:
     """What a model that ignores the image reaches on these items: per task, the summary of always giving
     the one reference answer that scores best on them (the most common one, or for boxes the best single
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"ovis25 eval: {e}")
     # the guessing level beside the model: an image-blind constant answer (not a mode, so not in --out)
-    print(format_table({**results, "constant answer": constant_answer_baseline(answers)}))
+    print(format_table({**results, GUESSING: constant_answer_baseline(answers)}))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     if args.answers:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .eval import constant_answer_baseline, format_table, paired_gain, pairs_by_kind
+from .eval import GUESSING, constant_answer_baseline, format_table, paired_gain, pairs_by_kind
 from .grounding import draw_grounding, parse_boxes
 
 
@@ -141,6 +141,15 @@ def preference_table(pref: dict) -> list[str]:
                     + " | | |", ""]
 
 
+def with_guessing_level(run: Path, results: dict) -> dict:
+    """`results` and a last column, the constant-answer baseline on the items the phases were scored on."""
+    answer_files = sorted(run.glob("p*/answers.jsonl"))
+    if not answer_files:
+        return results
+    rows = [json.loads(line) for line in answer_files[-1].read_text().splitlines() if line.strip()]
+    return {**results, GUESSING: constant_answer_baseline(rows)}
+
+
 def write_report(run: Path, results: dict, timings: dict) -> Path:
     lines = [f"# ovis25 demo run `{run.name}`", "",
              "A tiny Ovis2.5 trained from scratch on CPU through the curriculum on the synthetic world; "
@@ -156,14 +165,10 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
         lines += [f"| {task} | {a['tokens']:.2f} | {a['objects']:.2f} | "
                   + (f"{a['position_error']:.3f} |" if "position_error" in a else "- |") for task, a in vision.items()]
         lines += [""]
-    # the guessing level, on the items the phases were scored on
-    answer_files = sorted(run.glob("p*/answers.jsonl"))
-    baseline = constant_answer_baseline([json.loads(line) for line in answer_files[-1].read_text().splitlines()
-                                         if line.strip()]) if answer_files else None
+    columns = with_guessing_level(run, results)
     lines += ["## Accuracy per task (held out)", "",
               "Greedy answers; `constant answer` is what ignoring the image reaches: always the one reference answer "
-              "(for boxes, the one box) that scores best on these items.", "",
-              format_table({**results, "constant answer": baseline} if baseline else results), ""]
+              "(for boxes, the one box) that scores best on these items.", "", format_table(columns), ""]
     if (run / "preference.json").exists():
         lines += preference_table(json.loads((run / "preference.json").read_text()))
     if (run / "p5" / "metrics.jsonl").exists():
@@ -189,7 +194,7 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
         both = [t for t in tasks if t in first and t in last]
         pooled = [[x for t in both for x in part[t]["item_rewards"]] for part in (first, last)]
         lines += ["| mean | " + " | ".join(f"{m:.3f}" for m in means) + f" | {gain_cell(*pooled)} | |", ""]
-    if plot_accuracy(results, run / "accuracy.png", baseline):
+    if plot_accuracy(results, run / "accuracy.png", columns.get(GUESSING)):
         lines += ["![accuracy](accuracy.png)", ""]
     if plot_losses(run, run / "loss.png"):
         lines += ["## Training loss", "", "![loss](loss.png)", ""]

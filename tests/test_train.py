@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -138,6 +140,27 @@ def test_first_fit_packing():
     assert pack_first_fit([3, 3, 3], 9, max_samples=2) == [[0, 1], [2]]
     with pytest.raises(ValueError, match="sample 1 has 10 tokens"):
         pack_first_fit([1, 10], 8)
+
+
+def first_fit_by_scanning(lengths: list[int], max_tokens: int, max_samples: int | None) -> list[list[int]]:
+    """The definition: try every open bin in order."""
+    bins, room = [], []
+    for i, n in enumerate(lengths):
+        b = next((b for b, free in enumerate(room)
+                  if n <= free and (max_samples is None or len(bins[b]) < max_samples)), None)
+        if b is None:
+            b = len(bins)
+            bins.append([])
+            room.append(max_tokens)
+        bins[b].append(i)
+        room[b] -= n
+    return bins
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 64), max_size=200), st.integers(64, 160), st.one_of(st.none(), st.integers(1, 6)))
+def test_first_fit_packing_equals_its_definition(lengths, max_tokens, max_samples):
+    assert pack_first_fit(lengths, max_tokens, max_samples) == first_fit_by_scanning(lengths, max_tokens, max_samples)
 
 
 def test_phase1_trains_only_last_vit_block_head_and_vet(tmp_path):

@@ -15,20 +15,34 @@ from .data import TrainSample
 
 
 def pack_first_fit(lengths: list[int], max_tokens: int, max_samples: int | None = None) -> list[list[int]]:
-    """Bins of sample indices; each sample goes into the first open bin with room (order kept inside bins)."""
+    """Bins of sample indices; each sample goes into the first open bin with room (order kept inside bins).
+
+    O(n log n): a segment tree over the bins holds each subtree's largest free room, so the first bin with
+    room is found by descending it (a scan of every open bin would make millions of samples take hours)."""
+    size = 1
+    while size < len(lengths):  # there are never more bins than samples
+        size *= 2
+    room = [-1] * (2 * size)  # leaves: each bin's free tokens, -1 when it takes nothing more (or is not open)
     bins: list[list[int]] = []
-    room: list[int] = []
     for i, n in enumerate(lengths):
         if n > max_tokens:
             raise ValueError(f"sample {i} has {n} tokens, more than max_tokens={max_tokens}")
-        for b, free in enumerate(room):
-            if n <= free and (max_samples is None or len(bins[b]) < max_samples):
-                bins[b].append(i)
-                room[b] -= n
-                break
+        if room[1] >= n:  # some open bin has room: go down to the leftmost one
+            node = 1
+            while node < size:
+                node = 2 * node if room[2 * node] >= n else 2 * node + 1
+            bins[node - size].append(i)
+            free = room[node] - n
         else:
+            node = size + len(bins)
             bins.append([i])
-            room.append(max_tokens - n)
+            free = max_tokens - n
+        if max_samples is not None and len(bins[node - size]) >= max_samples:
+            free = -1
+        room[node] = free
+        while node > 1:
+            node //= 2
+            room[node] = max(room[2 * node], room[2 * node + 1])
     return bins
 
 

@@ -58,6 +58,8 @@ GREEDY_ITEMS = 50  # test items per task for the greedy accuracy tables (the sam
 REWARD_SAMPLES = 4  # sampled answers per held-out question when measuring GRPO's reward
 ANSWER_TOKENS = {False: 32, True: 160}  # new tokens per evaluated answer, thinking off / on (trace first)
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
+# the whole tiny run (world to report) over P0's time, in fresh runs on three machines: 919/82, 964/93, 1887/159
+RUN_OVER_P0 = 11
 FINGERPRINT = "inputs.sha256"  # in each phase's directory: the phase_fingerprints() entry it was trained from
 
 
@@ -266,6 +268,9 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
             train(load_recipe(RECIPES / f"{phase}.toml", keys))
         if trained:
             timings[phase] = time.perf_counter() - t0
+            if phase == "p0" and preset == "tiny":  # machines differ 2x in speed: say what to expect here
+                log.info("P0 took %.0f s: on this machine the whole demo should take about %.0f minutes",
+                         timings[phase], RUN_OVER_P0 * timings[phase] / 60)
         t0 = time.perf_counter()
         if phase not in ("p0", "p0v"):
             evaluate_phase(final, world, phase, phase >= THINKING_FROM, eval_limit, results, run)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,15 +110,25 @@ class TrainSample:
     grid_thws: torch.Tensor | None       # (n, 3)
 
 
-@dataclass
+@dataclass(slots=True)
 class PlannedSample:
     dataset: str
     index: int
     length: int
-    input_ids: list[int]
-    labels: list[int]
+    # array("i"), not lists: a plan holds every sample's tokens for the whole run (8 bytes a token, not ~48)
+    input_ids: array
+    labels: array
     visuals: list[tuple[str, Path | list[Path]]]  # ("image", path) | ("frames", [paths]) | ("video", file)
     kind: str                            # single_image | multiple_image | video | text
+
+    def token_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) as int64 tensors."""
+        return _int64(self.input_ids), _int64(self.labels)
+
+
+def _int64(values: array) -> torch.Tensor:
+    # frombuffer reads the array's memory (20x faster than torch.tensor) but refuses an empty one
+    return torch.frombuffer(values, dtype=torch.int32).long() if values else torch.zeros(0, dtype=torch.long)
 
 
 @dataclass
@@ -229,7 +240,7 @@ class SampleBuilder:
         if generation_preface is None and all(label == IGNORE_ID for label in labels[1:]):
             raise DataError("no_labels", "no supervised tokens")
         visuals = [("image", p) for p in images] + [("frames" if isinstance(v, list) else "video", v) for v in videos]
-        return PlannedSample(spec.name, index, len(ids), ids, labels, visuals, kind)
+        return PlannedSample(spec.name, index, len(ids), array("i", ids), array("i", labels), visuals, kind)
 
     def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Cut the tail to max_length; never cut a visual block (then the sample is dropped)."""
@@ -258,7 +269,7 @@ class SampleBuilder:
         if atoms != planned.input_ids.count(-300):
             raise DataError("corrupt_image", f"{planned.dataset}[{planned.index}]: pixels give {atoms} visual tokens, "
                                              f"the plan expected {planned.input_ids.count(-300)}")
-        return TrainSample(torch.tensor(planned.input_ids), torch.tensor(planned.labels),
+        return TrainSample(*planned.token_tensors(),
                            torch.cat(pixel_values) if pixel_values else None,
                            torch.cat(grids) if grids else None)
 

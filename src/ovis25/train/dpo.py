@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class PlannedPair:
 def supervise_final_turn(planned: PlannedSample) -> PlannedSample:
     """Labels on the last turn only: gpt turns inside the prompt are context, not the response."""
     last_ignored = max(i for i, label in enumerate(planned.labels) if label == IGNORE_ID)
-    planned.labels = [IGNORE_ID] * (last_ignored + 1) + planned.labels[last_ignored + 1:]
+    planned.labels[:last_ignored + 1] = array("i", [IGNORE_ID] * (last_ignored + 1))
     return planned
 
 
@@ -155,7 +156,7 @@ class PairBins(PackedBins):
 
     def build(self, pair: PlannedPair) -> list[TrainSample]:
         chosen = self.builder.build(pair.chosen)
-        rejected = TrainSample(torch.tensor(pair.rejected.input_ids), torch.tensor(pair.rejected.labels),
+        rejected = TrainSample(*pair.rejected.token_tensors(),
                                chosen.pixel_values, chosen.grid_thws)  # the same prompt: reuse its pixels
         return [chosen, rejected]
 

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -283,6 +283,16 @@ def test_bad_data_is_counted_or_fails_clearly(tmp_path):
     strict = SampleBuilder(proc, PixelBudgets(1024, 4096, 1024, 4096, 1024, 2048), max_length=256, on_error="fail")
     with pytest.raises(DataError, match="missing"):
         plan_datasets(load_datainfo(datainfo), strict, seed=0)
+
+
+def test_image_sizes_are_read_from_headers(tmp_path):
+    for i, (size, fmt) in enumerate([((37, 91), "PNG"), ((300, 7), "PNG"), ((45, 33), "JPEG")]):
+        path = tmp_path / f"{i}.{fmt.lower()}"
+        Image.new("RGB", size).save(path, fmt)
+        assert SampleBuilder._size(path) == size, fmt
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(DataError, match="cannot read image"):
+        SampleBuilder._size(tmp_path / "folder.png")
 
 
 def test_text_tail_truncation_keeps_visual_block(tmp_path):

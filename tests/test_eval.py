@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import model_dir, requires_fixtures
 from ovis25.chat import Chat
-from ovis25.eval import constant_answer_baseline, evaluate, load_items, main, same_media_batches, sampled_reward
+from ovis25.eval import (constant_answer_baseline, evaluate, format_table, load_items, main, same_media_batches,
+                         sampled_reward, summarize)
 from ovis25.processing import PixelBudgets
 
 pytestmark = [requires_fixtures, pytest.mark.usefixtures("single_thread")]
@@ -162,3 +163,14 @@ def test_constant_answer_baseline_is_the_best_single_answer():
     middle = "<box>(0.25,0.0),(0.75,1.0)</box>"  # overlaps the right box by a third: partial IoU counts
     base = constant_answer_baseline([{**r, "answer": middle} for r in boxes[:1]] + boxes[2:3])
     assert base["ground"]["mean_iou"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_answers_without_a_box_are_counted_apart_from_bad_aim():
+    rows = [{"task": "ground", "metric": "iou", "answer": "<box>(0.0,0.0),(0.5,1.0)</box>", "score": 0.0,
+             "response": response} for response in
+            ["<box>(0.6,0.0),(1.0,1.0)</box>", "<box>(0.300,It spans.\n00),(0.500,", "<think>\n<box>(0.1,0.1),(0.2,0.2)</box>"
+             "\n</think>\n\nno idea", "<box>(0.1,0.1),(0.2,0.2)</box>"]]
+    summary = summarize(rows, False)
+    assert summary["ground"]["with_box"] == 0.5  # a box only inside the trace does not count
+    assert format_table({"p4": summary}).endswith("| ground | 0.00 (IoU 0.00) no box in 0.50 |")
+    assert "no box" not in format_table({"p4": summarize(rows[:1] + rows[3:], False)})

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .processing.image import PixelBudgets
-from .train.rewards import REWARDS
+from .grounding import parse_boxes
+from .train.rewards import REWARDS, answer_text
 
 IOU_HIT = 0.5
 
@@ -128,6 +129,8 @@ def summarize(rows: list[dict], enable_thinking: bool) -> dict[str, dict]:
         summary[task] = {"accuracy": sum(hits) / len(hits), "n": len(hits), "thinking": enable_thinking}
         if scores[0]["metric"] == "iou":
             summary[task]["mean_iou"] = sum(r["score"] for r in scores) / len(scores)
+            # a broken answer format (no box at all) looks like bad aim in the IoU alone
+            summary[task]["with_box"] = sum(bool(parse_boxes(answer_text(r["response"]))) for r in scores) / len(scores)
     return summary
 
 
@@ -230,7 +233,8 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
         for col in results.values():
             s = col.get(t)
             cells.append("" if s is None else f"{s['accuracy']:.2f}" + (f" (IoU {s['mean_iou']:.2f})"
-                                                                        if "mean_iou" in s else ""))
+                                                                        if "mean_iou" in s else "")
+                         + (f" no box in {1 - s['with_box']:.2f}" if s.get("with_box", 1) < 1 else ""))
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -203,8 +203,8 @@ def check_resumable(run: Path, preset: str, seed: int, fingerprints: dict[str, s
                                 f" not seed {seed} with the {preset!r} preset: choose another --name (or delete {run})")
     # a phase's fingerprint is written when it starts, so an interrupted phase is checked too (its checkpoints
     # would resume); phases trained before fingerprints were written have none and are kept
-    stale = [p for p in TRAIN_PHASES
-             if (run / p / FINGERPRINT).exists() and (run / p / FINGERPRINT).read_text().strip() != fingerprints[p]]
+    recorded = {p: (run / p / FINGERPRINT).read_text().strip() for p in TRAIN_PHASES if (run / p / FINGERPRINT).exists()}
+    stale = [p for p, fingerprint in recorded.items() if fingerprint != fingerprints[p]]
     if not stale:
         return
     later = TRAIN_PHASES[TRAIN_PHASES.index(stale[0]):]

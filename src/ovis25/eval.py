@@ -284,8 +284,9 @@ def main(argv: list[str] | None = None) -> None:
             answers += [{**row, "enable_thinking": think} for row in rows]
     except ValueError as e:
         sys.exit(f"ovis25 eval: {e}")
-    # the guessing level beside the model: an image-blind constant answer (not a mode, so not in --out)
-    print(format_table({**results, GUESSING: constant_answer_baseline(answers)}))
+    # the guessing level beside the model: an image-blind constant answer (not a mode, so not in --out); the
+    # items are the same in every mode, so one mode's rows give it
+    print(format_table({**results, GUESSING: constant_answer_baseline(rows)}))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     if args.answers:

@@ -63,7 +63,7 @@ def plot_accuracy(results: dict, out: Path, baseline: dict | None = None) -> boo
     for t, task in enumerate(tasks):
         if baseline and task in baseline:
             ax.hlines(score(baseline[task]), t - width / 2, t + 0.8 - width / 2, colors="black", linestyles="dashed",
-                      label="constant answer" if t == 0 else None)
+                      label=GUESSING if t == 0 else None)
     iou = {t for col in results.values() for t, s in col.items() if "mean_iou" in s}
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], [f"{t} (IoU)" if t in iou else t for t in tasks])
     ax.set(ylabel="accuracy (boxes: mean IoU)", ylim=(0, 1), title="held-out accuracy per task after each phase")

@@ -118,7 +118,7 @@ class PlannedSample:
     dataset: str
     index: int
     length: int
-    # array("i"), not lists: a plan holds every sample's tokens for the whole run (8 bytes a token, not ~48)
+    # array("i"), not lists: a plan holds every sample's tokens for the whole run (8 bytes a token, not ~45)
     input_ids: array
     labels: array
     visuals: list[tuple[str, Path | list[Path]]]  # ("image", path) | ("frames", [paths]) | ("video", file)
@@ -192,7 +192,7 @@ class SampleBuilder:
 
     @staticmethod
     def _size(path: Path) -> tuple[int, int]:
-        """(width, height) from the file's header: a plan reads every image's once."""
+        """(width, height) from the file's header (planning reads the size of every image in the data)."""
         try:
             with open(path, "rb") as f:
                 head = f.read(24)

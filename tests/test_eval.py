@@ -90,6 +90,8 @@ def test_sampled_reward_is_seeded_and_leaves_the_global_rng_alone(tmp_path, chat
     assert first == sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, budgets=BUDGETS)
     assert first["read"]["n"] == 12 and len(first["read"]["item_rewards"]) == 3
     assert sum(first["read"]["item_rewards"]) / 3 == pytest.approx(first["read"]["reward"])
+    # each answer has its own seed: batching (here one item per batch) changes nothing
+    assert first == sampled_reward(chat, items, samples=4, max_new_tokens=6, seed=1, batch_size=4, budgets=BUDGETS)
     # near-zero temperature samples the greedy answer: every sample scores
     cold = sampled_reward(chat, items, samples=2, temperature=1e-4, max_new_tokens=6, budgets=BUDGETS)
     assert cold["read"] == {"reward": 1.0, "n": 6, "item_rewards": [1.0, 1.0, 1.0]}

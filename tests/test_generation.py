@@ -255,10 +255,18 @@ def test_generate_batch_n_replies_per_conversation():
     convs = ["Tell me a story about a fox.", "Hi"]
     replies = chat.generate_batch(convs, n=3, **sampled)
     assert len(replies) == 6
-    singles = [chat.generate_batch([c], **sampled)[0] for c in convs]
-    assert [r.token_ids for r in replies[::3]] == [r.token_ids for r in singles]  # same seed: same sample
+    # reply k of a conversation samples with seed + k, as the server's choices do: the replies differ
+    singles = [[chat.generate(c, **{**sampled, "seed": 3 + k}) for k in range(3)] for c in convs]
+    assert [r.token_ids for r in replies] == [r.token_ids for one in singles for r in one]
+    assert len({tuple(r.token_ids) for r in replies[:3]}) > 1
+    # one seed per conversation: each reply depends on its own seed only, not on the rest of the batch
+    seeded = chat.generate_batch(convs, n=2, seeds=[10, 20], **{**sampled, "seed": None})
+    alone = [chat.generate(c, **{**sampled, "seed": s + k}) for c, s in zip(convs, [10, 20]) for k in range(2)]
+    assert [r.token_ids for r in seeded] == [r.token_ids for r in alone]
     with pytest.raises(ValueError, match="n must be a positive int"):
         chat.generate_batch(convs, n=0)
+    with pytest.raises(ValueError, match="2 conversations but 1 seeds"):
+        chat.generate_batch(convs, seeds=[1])
 
 
 def test_top_k_1_and_zero_temperature_equal_greedy():

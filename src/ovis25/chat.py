@@ -60,10 +60,13 @@ class Chat:
         return self.generate_batch([conversation], [images], [videos], **options)[0]
 
     def generate_batch(self, conversations: Sequence[Conversation], images: Sequence | None = None,
-                       videos: Sequence | None = None, n: int = 1, **options: Any) -> list[GenerationResult]:
+                       videos: Sequence | None = None, n: int = 1, seeds: Sequence[int] | None = None,
+                       **options: Any) -> list[GenerationResult]:
         """Several replies decoded together; `images`/`videos` hold one entry (a list or None) per conversation.
         n: replies per conversation (for sampling), each conversation's n in a row; its media are prepared and
-        encoded once."""
+        encoded once. When sampling with a seed, reply k of conversation i draws from seed `seeds[i] + k`
+        (`seeds`: one per conversation) or `seed + k` (the `seed` option), as the server's choices do: each
+        reply depends on its own seed only, not on what else is in the batch."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         images = images if images is not None else [None] * len(conversations)
@@ -71,11 +74,15 @@ class Chat:
         if not len(images) == len(videos) == len(conversations):
             raise ValueError(f"got {len(conversations)} conversations but {len(images)} image lists and "
                              f"{len(videos)} video lists")
+        if seeds is not None and len(seeds) != len(conversations):
+            raise ValueError(f"got {len(conversations)} conversations but {len(seeds)} seeds")
         config, pixels = self._options(options)
         prompts = [self._prompt(c, i, v, config.enable_thinking, **pixels)
                    for c, i, v in zip(conversations, images, videos)]
         prompts = [p for p in prompts for _ in range(n)]
-        return self._engine_for(prompts, config).generate(prompts, config)
+        seeds = seeds if seeds is not None else [config.seed] * len(conversations)
+        configs = [config if s is None else config.replace(seed=s + k) for s in seeds for k in range(n)]
+        return self._engine_for(prompts, config).generate(prompts, configs)
 
     def stream(self, conversation: Conversation, images: Sequence | None = None, videos: Sequence | None = None,
                **options: Any) -> Iterator[str]:

@@ -194,20 +194,25 @@ def sampled_reward(chat, items: list[EvalItem], samples: int = 4, temperature: f
                    seed: int = 0, batch_size: int = 64, budgets: PixelBudgets | None = None) -> dict[str, dict]:
     """The mean reward of `samples` sampled answers per item, per task -> {task: {"reward", "n", "item_rewards"}}
     (n: answers; item_rewards: each item's mean, in item order, for `paired_gain`). What GRPO maximises, on
-    held-out prompts: the item's metric as a reward (`iou` continuous, not a hit)."""
-    import torch
+    held-out prompts: the item's metric as a reward (`iou` continuous, not a hit).
+
+    Answer k of item i samples with its own seed, `seed + i * samples + k`, whatever the batching: two models
+    scored this way draw from the same random numbers on every item (common random numbers), so where their
+    distributions agree they sample the same answer, and the paired change between them measures the models
+    rather than the dice (the demo's P4 -> P5 change: intervals about half as wide as with one shared random
+    stream, DEMO.md)."""
     scores: dict[str, list[float]] = {}
-    per_batch = max(1, batch_size // samples)
-    with torch.random.fork_rng(devices=[]):  # the engine samples from the global generator: seed it, then restore
-        torch.manual_seed(seed)
-        for chunk, pixels in same_media_batches(items, per_batch, budgets):
-            results = chat.generate_batch([it.conversations for it in chunk],
-                                          images=[it.images or None for it in chunk],
-                                          videos=[[it.video] if it.video else None for it in chunk], n=samples,
-                                          do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
-                                          **pixels)
-            for it, res in zip([it for it in chunk for _ in range(samples)], results):
-                scores.setdefault(it.task, []).append(REWARDS[it.metric]("", res.text, it.answer))
+    per_batch, first = max(1, batch_size // samples), 0  # first: the chunk's first item's place in `items`
+    for chunk, pixels in same_media_batches(items, per_batch, budgets):
+        results = chat.generate_batch([it.conversations for it in chunk],
+                                      images=[it.images or None for it in chunk],
+                                      videos=[[it.video] if it.video else None for it in chunk], n=samples,
+                                      seeds=[seed + (first + i) * samples for i in range(len(chunk))],
+                                      do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
+                                      **pixels)
+        for it, res in zip([it for it in chunk for _ in range(samples)], results):
+            scores.setdefault(it.task, []).append(REWARDS[it.metric]("", res.text, it.answer))
+        first += len(chunk)
     return {task: {"reward": sum(v) / len(v), "n": len(v),
                    "item_rewards": [sum(v[i:i + samples]) / samples for i in range(0, len(v), samples)]}
             for task, v in scores.items()}

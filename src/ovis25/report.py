@@ -183,7 +183,8 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
         phases = list(sampled)
         tasks = list(dict.fromkeys(t for v in sampled.values() for t in v))
         first, last = sampled[phases[0]], sampled[phases[-1]]
-        lines += ["Held-out reward of sampled answers (temperature 1, as in GRPO's rollouts; grounding: mean IoU), "
+        lines += ["Held-out reward of sampled answers (temperature 1, as in GRPO's rollouts; grounding: mean IoU; "
+                  "each answer drawn with the same seed in every phase), "
                   f"and the change {phases[0]} -> {phases[-1]} with its 95% interval over questions:", "",
                   "| task | " + " | ".join(phases) + " | change | answers |", "|---|" + "---|" * (len(phases) + 2)]
         for t in tasks:

@@ -83,6 +83,7 @@ def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eva
     t0 = time.perf_counter()
     cfg = load_recipe(ROOT / "recipes" / "tiny" / "p2.toml", [
         f'init="{init}"', f'out_dir="{run}"', f'datainfo="{world / "datainfo.json"}"', f"seed={seed}", "epochs=1",
+        'datasets=["synth_qa", "synth_caption"]',  # one task's world: all of it (the demo's P2 weighs 8 tasks)
         f"save_every={eval_every}", "keep_last=1000", *overrides])
     cfg.max_steps = None  # one pass over this task's questions, whatever the demo's P2 stops at
     train(cfg)

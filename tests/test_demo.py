@@ -153,6 +153,29 @@ def test_text_pretraining_set_teaches_reading_from_context(tmp_path):
     assert all("<image>" not in t["value"] for s in samples for t in s["conversations"])
 
 
+def test_each_task_is_a_dataset_of_its_own_and_p2_weighs_them(tmp_path):
+    from ovis25.demo import RECIPES, task_datasets
+    from ovis25.synth import build_world
+    from ovis25.train import load_recipe
+    from ovis25.train.data import load_datainfo, read_samples
+
+    world = tmp_path / "world"
+    build_world(world, seed=0, sizes="ci", tokenizer=False)
+    task_datasets(world)
+    info = json.loads((world / "datainfo.json").read_text())
+    every = read_samples(world / info["synth_qa"]["meta_file"])
+    parts = {n: read_samples(world / e["meta_file"]) for n, e in info.items() if n.startswith("synth_qa_")}
+    assert sorted(s["id"] for p in parts.values() for s in p) == sorted(s["id"] for s in every)
+    assert all(s["task"] == name.removeprefix("synth_qa_") for name, p in parts.items() for s in p)
+    task_datasets(world)  # again: nothing changes
+    assert json.loads((world / "datainfo.json").read_text()) == info
+    # P2's recipe names every task once, spatial and grounding at a quarter
+    recipe = load_recipe(RECIPES / "p2.toml", [f'init="{tmp_path}"', f'datainfo="{world / "datainfo.json"}"'])
+    ratios = {d.name: d.ratio for d in load_datainfo(recipe.datainfo, recipe.datasets)}
+    assert {n for n in ratios if n.startswith("synth_qa_")} == set(parts)
+    assert ratios["synth_qa_spatial"] == ratios["synth_qa_grounding"] == 0.25 and ratios["synth_qa_count"] == 1.0
+
+
 def test_demo_evaluates_each_kind_of_media_at_the_budget_its_recipes_train_with():
     from ovis25.demo import BUDGETS, RECIPES
     from ovis25.train import load_recipe

@@ -82,6 +82,22 @@ def preference_datasets(world: Path) -> list[dict]:
     return held
 
 
+def task_datasets(world: Path) -> None:
+    """`synth_qa_<task>`: each task's questions of `synth_qa` as a dataset of its own, so that a recipe can weigh
+    the tasks (`synth_qa_spatial:0.25`)."""
+    info = json.loads((world / "datainfo.json").read_text())
+    if any(name.startswith("synth_qa_") for name in info):
+        return
+    by_task: dict[str, list] = {}
+    for s in json.loads((world / info["synth_qa"]["meta_file"]).read_text()):
+        by_task.setdefault(s["task"], []).append(s)
+    for task, samples in by_task.items():
+        (world / "meta" / f"qa_{task}.json").write_text(json.dumps(samples))
+        info[f"synth_qa_{task}"] = {"meta_file": f"meta/qa_{task}.json", "image_dir": "images",
+                                    "data_format": "conversation"}
+    (world / "datainfo.json").write_text(json.dumps(info, indent=2))
+
+
 TEXT_PER_TASK = 600  # context-QA samples per single-image task in the text-only P0 set
 TEXT_THINK_PER_TASK = 300  # ... and thinking traces reasoning from the caption, per single-image task
 # extra "the number 4753\nWhat number is written?" -> "4753" samples in P0: a from-scratch LLM only learns to copy
@@ -243,6 +259,7 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
         build_world(world, seed=seed, sizes=preset, progress=True)
         timings["world"] = time.perf_counter() - t0
     text_only_dataset(world, seed)
+    task_datasets(world)
     held_pairs = preference_datasets(world)
     init = run / "init"
     if not (init / "config.json").exists():

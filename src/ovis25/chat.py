@@ -80,8 +80,9 @@ class Chat:
         prompts = [self._prompt(c, i, v, config.enable_thinking, **pixels)
                    for c, i, v in zip(conversations, images, videos)]
         prompts = [p for p in prompts for _ in range(n)]
-        seeds = seeds if seeds is not None else [config.seed] * len(conversations)
-        configs = [config if s is None else config.replace(seed=s + k) for s in seeds for k in range(n)]
+        per_conversation = [config] * len(conversations) if seeds is None else \
+            [config.replace(seed=s) for s in seeds]
+        configs = [c for conv in per_conversation for c in conv.replies(n)]
         return self._engine_for(prompts, config).generate(prompts, configs)
 
     def stream(self, conversation: Conversation, images: Sequence | None = None, videos: Sequence | None = None,

@@ -119,6 +119,11 @@ class GenerationConfig:
     def replace(self, **changes) -> "GenerationConfig":
         return replace(self, **changes)
 
+    def replies(self, n: int) -> list["GenerationConfig"]:
+        """Configs for n sampled replies to one prompt: with a seed, reply k samples with seed + k, so the
+        replies differ and each depends on its own seed only."""
+        return [self] * n if self.seed is None else [self.replace(seed=self.seed + k) for k in range(n)]
+
 
 @dataclass
 class GenerationResult:

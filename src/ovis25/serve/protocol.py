@@ -46,9 +46,7 @@ class ChatRequest:
 
     def choice_configs(self) -> list[GenerationConfig]:
         """One config per choice; with a seed, choice i samples with seed + i so the choices differ."""
-        if self.config.seed is None:
-            return [self.config] * self.n
-        return [self.config.replace(seed=self.config.seed + i) for i in range(self.n)]
+        return self.config.replies(self.n)
 
     def load_media(self, settings: ServerSettings) -> None:
         """Read every image/video URL (files, downloads, base64); may block, so call it off the event loop."""

@@ -22,7 +22,9 @@ from ovis25.train import load_recipe, train
 from ovis25.train.data import DataError, SampleBuilder, load_datainfo, plan_datasets
 from ovis25.train.packing import collate_packed, collate_padded, pack_first_fit
 from ovis25.train.phases import LAST_VIT_BLOCK, param_groups, select_trainable
-from ovis25.train.trainer import pixel_budgets, plan_bins
+from ovis25.model.attention import varlen_attention
+from ovis25.train.precision import autocast_dtype
+from ovis25.train.trainer import forward_packed, pixel_budgets, plan_bins
 
 pytestmark = requires_fixtures
 TINY_BUDGET = ["single_image_min_pixels=1024", "single_image_max_pixels=4096", "multiple_image_min_pixels=1024",
@@ -310,8 +312,9 @@ def test_text_tail_truncation_keeps_visual_block(tmp_path):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_distributed_matches_single_process(tmp_path, parallel):
     datainfo = make_dataset(tmp_path / "data")
-    # one sample per packed row: some steps give one rank only text while the other has images
-    common = ["max_steps=4", "save_every=0", "epochs=3", "max_samples_per_pack=1"]
+    # one sample per packed row: some steps give one rank only text while the other has images; float32, since
+    # bfloat16 products round differently when the batch is split differently
+    common = ["max_steps=4", "save_every=0", "epochs=3", "max_samples_per_pack=1", "autocast=\"off\""]
     cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'datainfo="{datainfo}"', *common, *TINY_BUDGET])
     builder = SampleBuilder(Processor.from_pretrained(tiny_model_dir()), pixel_budgets(cfg), cfg.max_tokens)
     bins = plan_bins(plan_datasets(load_datainfo(datainfo), builder, cfg.seed), cfg)
@@ -411,3 +414,70 @@ def test_merge_with_init_exports_a_mix_of_the_trained_and_initial_weights(tmp_pa
     with pytest.raises(ValueError, match="merge_with_init must be in"):
         train(load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{tmp_path / "bad"}"',
                                  f'datainfo="{datainfo}"', "merge_with_init=1"]))
+
+
+def test_packed_attention_stays_float32_under_cpu_autocast():
+    """CPU autocast would run SDPA in bfloat16 (a backward ~6x slower there): packed attention runs in float32
+    instead, giving exactly the float32 result for every backend."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, h, 16, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 10, 20, 40])
+    for backend in ("grouped", "loop", "masked"):
+        expected = varlen_attention(q, k, v, cu, causal=True, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, causal=True, backend=backend)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, varlen_attention(q.bfloat16().float(), k.bfloat16().float(),
+                                                         v.bfloat16().float(), cu, causal=True, backend=backend))
+        assert (got - expected).abs().max() < 0.05  # only the inputs' rounding to bfloat16
+
+
+def test_autocast_setting():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("off", cpu) is None and autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) in (None, torch.bfloat16)  # by this machine's measured products
+    with pytest.raises(ValueError, match="autocast"):
+        autocast_dtype("float16", cpu)
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        load_recipe(None, ["init=x", "autocast=fp16"]).validate()
+
+
+def test_bfloat16_autocast_trains_like_float32(tmp_path):
+    """Under bfloat16 autocast the loss and gradients are float32's to bfloat16 precision, the gradients and
+    weights stay float32, and a short run's losses and exported weights follow the float32 run's."""
+    model_dir = tiny_model_dir()
+    proc, model = Processor.from_pretrained(model_dir), Ovis.from_pretrained(model_dir)
+    datainfo = make_dataset(tmp_path / "data")
+    batch = collate_packed(built_samples(datainfo, proc))
+    cpu = torch.device("cpu")
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad()
+        loss = forward_packed(model, batch, cpu, dtype).loss
+        loss.backward()
+        grads[dtype] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (l32, g32), (l16, g16) = grads[None], grads[torch.bfloat16]
+    torch.testing.assert_close(l16, l32, rtol=1e-2, atol=0)
+    assert g16.keys() == g32.keys()
+    for n in g32:
+        assert g16[n].dtype == torch.float32, n
+        cosine = torch.nn.functional.cosine_similarity(g16[n].flatten(), g32[n].flatten(), dim=0)
+        assert cosine > 0.98 or g32[n].norm() < 1e-6, (n, float(cosine))
+
+    runs = {}
+    for mode in ("off", "bfloat16"):
+        out = tmp_path / mode
+        final = train(load_recipe(None, [f'init="{model_dir}"', f'out_dir="{out}"', f'datainfo="{datainfo}"',
+                                         "max_tokens=256", "max_steps=3", "lr=1e-3", "progress=false",
+                                         f"autocast={mode}", *TINY_BUDGET]))
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = losses, load_file(str(final / "model.safetensors"))
+    (losses32, w32), (losses16, w16) = runs["off"], runs["bfloat16"]
+    torch.testing.assert_close(torch.tensor(losses16), torch.tensor(losses32), rtol=2e-2, atol=0)
+    start = load_file(str(model_dir / "model.safetensors"))
+    for n, w in w16.items():
+        assert w.dtype == w32[n].dtype == start[n].dtype, n
+        # both runs moved each trained weight the same way (to bfloat16 precision of the gradients)
+        if not torch.equal(w32[n], start[n]):
+            moved32, moved16 = (w32[n] - start[n]).flatten(), (w - start[n]).flatten()
+            assert torch.nn.functional.cosine_similarity(moved16, moved32, dim=0) > 0.9, n

@@ -49,6 +49,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     if backend == "auto":
         backend = "flash" if flash_attn_varlen_func is not None and q.is_cuda else "grouped"
+    if not q.is_cuda and torch.is_autocast_enabled("cpu"):
+        # in float32: CPU autocast would run SDPA in bfloat16, whose backward there is ~6x slower than float32's
+        with torch.autocast("cpu", enabled=False):
+            return varlen_attention(q.float(), k.float(), v.float(), cu_seqlens, causal, backend)
     lengths = segment_lengths(cu_seqlens)
     if backend == "flash":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
@@ -70,7 +74,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             outs.append(o.transpose(0, 1))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
     # grouped: segments of equal length are stacked into one batch and share one kernel call
-    out = None  # allocated with the kernel's dtype (bfloat16 under autocast, whatever q's)
+    out = None  # allocated with the kernel's dtype
     starts = torch.as_tensor(cu_seqlens[:-1].tolist(), device=q.device)
     by_len: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):

@@ -125,10 +125,14 @@ class Ovis(nn.Module):
         its output, so every data-parallel rank runs the same collectives (FSDP) and every vision parameter
         gets a (zero) gradient (DDP).
         """
+        # Under autocast only the decoder layers run in low precision: the visual tokenizer, the VET and the
+        # logits stay float32 (with them in bfloat16 the tiny demo's P2 learned worse and ran slower; DEMO.md)
+        full_precision = torch.autocast((input_ids if inputs_embeds is None else inputs_embeds).device.type, enabled=False)
         if inputs_embeds is None:
-            inputs_embeds = self.merge_embeddings(input_ids, pixel_values, grid_thws)
-            if always_run_vision and pixel_values is None:
-                inputs_embeds = inputs_embeds + 0.0 * self.blank_visual_embeddings().sum()
+            with full_precision:
+                inputs_embeds = self.merge_embeddings(input_ids, pixel_values, grid_thws)
+                if always_run_vision and pixel_values is None:
+                    inputs_embeds = inputs_embeds + 0.0 * self.blank_visual_embeddings().sum()
         b, n = inputs_embeds.shape[:2]
         ctx = AttnContext(cu_seqlens=cu_seqlens)
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -144,12 +148,14 @@ class Ovis(nn.Module):
         hidden, states = out if output_hidden_states else (out, None)
         if targets is not None:
             keep = targets != IGNORE_ID
-            logits = self.llm.lm_head(hidden[keep]).float()
-            token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+            with full_precision:
+                logits = self.llm.lm_head(hidden[keep].to(self.llm.lm_head.weight.dtype)).float()
+                token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
             return OvisOutput(logits=None, loss=token_loss.sum(), hidden_states=states, token_logps=-token_loss)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.llm.lm_head(hidden)
+        with full_precision:
+            logits = self.llm.lm_head(hidden.to(self.llm.lm_head.weight.dtype))
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

@@ -59,6 +59,9 @@ class TrainConfig:
     # system
     parallel: str = "auto"                 # auto | none | ddp | fsdp
     param_dtype: str = "float32"           # FSDP2 mixed precision: bfloat16 params, float32 reduce
+    # the dtype products run in: auto (bfloat16 on GPUs and on CPUs where it is much faster, else float32) |
+    # bfloat16 | off; weights, optimizer state and checkpoints stay float32 (train/precision.py)
+    autocast: str = "auto"
     activation_checkpointing: bool = False
     # MiB of a frozen ViT's outputs kept in memory, one entry per image, so that images seen again (later
     # epochs, DPO pairs, GRPO groups) skip the ViT; 0: off. Never used under FSDP or while the ViT trains
@@ -80,7 +83,8 @@ class TrainConfig:
             raise ValueError("recipe: `init` (the checkpoint directory to start from) is required")
         for name, allowed in (("on_bad_sample", ("skip", "fail")), ("on_nan", ("skip", "stop")),
                               ("parallel", ("auto", "none", "ddp", "fsdp")),
-                              ("param_dtype", ("float32", "bfloat16"))):
+                              ("param_dtype", ("float32", "bfloat16")),
+                              ("autocast", ("auto", "bfloat16", "off"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"recipe: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("max_tokens", "grad_accum", "epochs", "keep_last"):

@@ -50,9 +50,9 @@ from .data import DataError, DatasetSpec, PlannedSample, SampleBuilder, TrainSam
     prompt_turns
 from .packing import pack_first_fit, target_segments
 from .phases import frozen_copy
-from .trainer import (PackedBins, all_reduce_sums, apply_update, close_run, count_steps, forward_packed, load_policy,
-                      log_step, make_optimizer, no_grad_sync, parallelize, pixel_budgets, plan_bins, progress_bar,
-                      rank_bins, record_skips, resume_latest, save_if_due, setup_run)
+from .trainer import (PackedBins, all_reduce_sums, apply_update, close_run, compute_dtype, count_steps, forward_packed,
+                      load_policy, log_step, make_optimizer, no_grad_sync, parallelize, pixel_budgets, plan_bins,
+                      progress_bar, rank_bins, record_skips, resume_latest, save_if_due, setup_run)
 
 log = logging.getLogger("ovis25.train")
 REF_CACHE = "ref_logps.safetensors"
@@ -94,11 +94,11 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss, chosen_reward.detach(), rejected_reward.detach()
 
 
-def pair_logps(model: torch.nn.Module, batch: dict, device: torch.device
+def pair_logps(model: torch.nn.Module, batch: dict, device: torch.device, dtype: torch.dtype | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One packed forward over [chosen_0, rejected_0, chosen_1, ...] -> summed response log-probs of the
     chosen (P,) and rejected (P,) segments, and the chosen responses' token counts (P,)."""
-    token_logps = forward_packed(model, batch, device).token_logps
+    token_logps = forward_packed(model, batch, device, dtype).token_logps
     segment = target_segments(batch).to(device)
     n = len(batch["cu_seqlens"]) - 1
     sums = torch.zeros(n, dtype=token_logps.dtype, device=device).index_add(0, segment, token_logps)
@@ -168,7 +168,8 @@ def plan_pairs(cfg: TrainConfig, builder: SampleBuilder) -> list[PlannedPair]:
 
 # ---- reference log-probs ------------------------------------------------------------------------------------
 def reference_cache(model: torch.nn.Module, pairs: list[PlannedPair], builder: SampleBuilder, cfg: TrainConfig,
-                    path: Path, rank: int, world: int, device: torch.device) -> dict[str, torch.Tensor]:
+                    path: Path, rank: int, world: int, device: torch.device, dtype: torch.dtype | None = None
+                    ) -> dict[str, torch.Tensor]:
     """{pair key: [log ref(chosen), log ref(rejected)]}, read from `path` or computed with `model` (which must
     still hold the initial weights) in a no-grad pass split over the ranks, then written to `path`."""
     unique = list({p.key: p for p in pairs}.values())
@@ -186,7 +187,7 @@ def reference_cache(model: torch.nn.Module, pairs: list[PlannedPair], builder: S
     with torch.no_grad():
         for b in map(dataset.__getitem__, range(len(dataset))):
             if "input_ids" in b:  # pairs that fail to build are skipped (and counted) again while training
-                chosen, rejected, _ = pair_logps(model, b, device)
+                chosen, rejected, _ = pair_logps(model, b, device, dtype)
                 for pair, c, r in zip(b["built"], chosen.cpu(), rejected.cpu()):
                     values[pair.key] = torch.stack([c, r])
     model.train()
@@ -209,6 +210,7 @@ def train_dpo(cfg: TrainConfig) -> Path:
     rank, world, device, out = setup_run(cfg)
     ckpt_root = out / "checkpoints"
     processor, model, lrs = load_policy(cfg)
+    dtype = compute_dtype(cfg, device, world)
     builder = SampleBuilder(processor, pixel_budgets(cfg), cfg.max_tokens, cfg.on_bad_sample, cfg.num_frames)
     pairs = plan_pairs(cfg, builder)
     bins = plan_bins(pairs, cfg)
@@ -220,7 +222,7 @@ def train_dpo(cfg: TrainConfig) -> Path:
         ref = parallelize(ref, cfg, world, device)
         cache = None
     else:  # before any resume: the policy must still hold the initial weights
-        cache = reference_cache(model, pairs, builder, cfg, out / REF_CACHE, rank, world, device)
+        cache = reference_cache(model, pairs, builder, cfg, out / REF_CACHE, rank, world, device, dtype)
     optimizer, scheduler = make_optimizer(model, lrs, cfg, total_steps)
     start_step, skip_counts = resume_latest(model, optimizer, scheduler, ckpt_root, rank)
 
@@ -238,7 +240,7 @@ def train_dpo(cfg: TrainConfig) -> Path:
             both = torch.stack([cache[p.key] for p in b["built"]]).to(device)
             return both[:, 0], both[:, 1]
         with torch.no_grad():
-            chosen, rejected, _ = pair_logps(ref, b, device)
+            chosen, rejected, _ = pair_logps(ref, b, device, dtype)
         return chosen, rejected
 
     for step in range(start_step, total_steps):
@@ -251,7 +253,7 @@ def train_dpo(cfg: TrainConfig) -> Path:
         sums = torch.zeros(7, dtype=torch.float64)
         for j, b in enumerate(micro):
             with no_grad_sync(model, sync=j == len(micro) - 1):
-                chosen, rejected, chosen_tokens = pair_logps(model, b, device)
+                chosen, rejected, chosen_tokens = pair_logps(model, b, device, dtype)
                 ref_chosen, ref_rejected = reference(b)
                 loss, chosen_reward, rejected_reward = dpo_loss(
                     chosen, rejected, ref_chosen, ref_rejected, opts.dpo_beta, opts.dpo_label_smoothing,

@@ -74,8 +74,8 @@ from .lora import merge_lora_state
 from .packing import collate_packed, pack_first_fit, target_segments
 from .phases import freeze_all, frozen_copy
 from .rewards import RewardScorer, parse_rewards
-from .trainer import (all_reduce_sums, apply_update, close_run, export, forward_packed, load_policy, log_step,
-                      make_optimizer, no_grad_sync, parallel_mode, parallelize, pixel_budgets, progress_bar,
+from .trainer import (all_reduce_sums, apply_update, close_run, compute_dtype, export, forward_packed, load_policy,
+                      log_step, make_optimizer, no_grad_sync, parallel_mode, parallelize, pixel_budgets, progress_bar,
                       resume_latest, save_if_due, setup_run)
 
 log = logging.getLogger("ovis25.train")
@@ -407,6 +407,7 @@ def train_grpo(cfg: TrainConfig) -> Path:
         raise ValueError(f"grpo_prompts_per_step {opts.grpo_prompts_per_step} is not a multiple of {world} ranks")
     ckpt_root = out / "checkpoints"
     processor, model, lrs = load_policy(cfg)
+    dtype = compute_dtype(cfg, device, world)
     tokenizer = processor.tokenizer
     gen_config = opts.generation_config()
     room = response_room(gen_config, tokenizer)
@@ -502,9 +503,9 @@ def train_grpo(cfg: TrainConfig) -> Path:
         # 3. old and reference log-probs, once
         with torch.no_grad():
             for row in rows:
-                row["old"] = forward_packed(model, row, device).token_logps
+                row["old"] = forward_packed(model, row, device, dtype).token_logps
                 if ref is not None:
-                    row["ref"] = forward_packed(ref, row, device).token_logps
+                    row["ref"] = forward_packed(ref, row, device, dtype).token_logps
         (global_tokens,) = all_reduce_sums([sum(int((s.labels != IGNORE_ID).sum()) for s in samples)], device)
         if not global_tokens:
             log.warning("step %d: no response tokens to train on (every prompt was skipped): no update", step + 1)
@@ -516,7 +517,7 @@ def train_grpo(cfg: TrainConfig) -> Path:
             sums = torch.zeros(3, dtype=torch.float64)
             for j, row in enumerate(rows):
                 with no_grad_sync(model, sync=j == len(rows) - 1):
-                    logp = forward_packed(model, row, device).token_logps
+                    logp = forward_packed(model, row, device, dtype).token_logps
                     loss, clipped, kl = grpo_token_loss(logp, row["old"], row["advantages"], opts.grpo_clip_eps,
                                                         row.get("ref"), opts.grpo_kl_coef)
                     (loss.sum() * row["weight"] * world / global_tokens).backward()

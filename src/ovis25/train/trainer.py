@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .data import DataError, PlannedSample, SampleBuilder, load_datainfo, plan_datasets
 from .packing import collate_packed, num_targets, pack_first_fit
 from .lora import apply_lora, lora_parameters, merge_lora_state
+from .precision import autocast, autocast_dtype, matmul_flops
 from .phases import PHASES, freeze_all, param_groups, reinit_vet, select_trainable
 from .state import (latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state,
                     set_rng_state)
@@ -111,12 +112,13 @@ def parallelize(model: Ovis, cfg: TrainConfig, world: int, device: torch.device)
     return model
 
 
-def forward_packed(model: torch.nn.Module, b: dict, device: torch.device):
+def forward_packed(model: torch.nn.Module, b: dict, device: torch.device, dtype: torch.dtype | None = None):
     """One packed row through the (possibly wrapped) model -> OvisOutput with the summed loss and per-target
-    log-probs."""
-    return model(b["input_ids"].to(device), b["pixel_values"] if b["pixel_values"] is None
-                 else b["pixel_values"].to(device), b["grid_thws"], position_ids=b["position_ids"].to(device),
-                 cu_seqlens=b["cu_seqlens"], targets=b["targets"].to(device), always_run_vision=True)
+    log-probs; `dtype`: autocast the products to it (None: float32)."""
+    with autocast(dtype, device):
+            return model(b["input_ids"].to(device), b["pixel_values"] if b["pixel_values"] is None
+                     else b["pixel_values"].to(device), b["grid_thws"], position_ids=b["position_ids"].to(device),
+                     cu_seqlens=b["cu_seqlens"], targets=b["targets"].to(device), always_run_vision=True)
 
 
 def no_grad_sync(model: torch.nn.Module, sync: bool):
@@ -223,19 +225,6 @@ def training_flops(model: torch.nn.Module, tokens: int, patches: int) -> float:
     return 6.0 * (llm * tokens + vit * patches + head * patches / 4)
 
 
-def measured_peak_flops(seconds: float = 0.3) -> float:
-    """Dense fp32 matmul FLOP/s of this machine for the MFU estimate: the fastest of many 1024^3 products,
-    so that a briefly busy machine does not lower the peak (and inflate MFU)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 / best
-
-
 def plot_metrics(metrics_file: Path, out_png: Path) -> bool:
     try:
         import matplotlib
@@ -270,6 +259,16 @@ def setup_run(cfg: TrainConfig) -> tuple[int, int, torch.device, Path]:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     return rank, world, device, out
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device, world: int) -> torch.dtype | None:
+    """The recipe's `autocast` resolved on this machine (None: float32), the same on every rank: bfloat16 only
+    where all ranks chose it."""
+    dtype = autocast_dtype(cfg.autocast, device)
+    if world > 1 and all_reduce_sum(float(dtype is None), device) > 0:
+        dtype = None
+    log.info("%s: products run in %s", cfg.phase, "float32" if dtype is None else str(dtype).removeprefix("torch."))
+    return dtype
 
 
 def load_policy(cfg: TrainConfig) -> tuple[Processor, Ovis, dict[str, float]]:
@@ -384,6 +383,7 @@ def train(cfg: TrainConfig) -> Path:
     rank, world, device, out = setup_run(cfg)
     ckpt_root = out / "checkpoints"
     processor, model, lrs = load_policy(cfg)
+    dtype = compute_dtype(cfg, device, world)
 
     builder = SampleBuilder(processor, pixel_budgets(cfg), cfg.max_tokens, cfg.on_bad_sample, cfg.num_frames)
     planned = plan_datasets(load_datainfo(cfg.datainfo, cfg.datasets or None), builder, cfg.seed)
@@ -400,7 +400,7 @@ def train(cfg: TrainConfig) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.num_workers)
     batches = iter(loader)
 
-    peak = measured_peak_flops() * world
+    peak = matmul_flops(dtype or torch.float32, device) * world
     metrics_file = out / "metrics.jsonl"
     progress = progress_bar(cfg, rank, total_steps, start_step)
     if rank == 0:
@@ -417,7 +417,7 @@ def train(cfg: TrainConfig) -> Path:
         loss_sum, tokens, patches = 0.0, 0, 0
         for j, b in enumerate(micro):
             with no_grad_sync(model, sync=j == len(micro) - 1):
-                out_ = forward_packed(model, b, device)
+                out_ = forward_packed(model, b, device, dtype)
                 (out_.loss * world / max(global_targets, 1)).backward()
             loss_sum += out_.loss.item()
             tokens += b["input_ids"].shape[1]

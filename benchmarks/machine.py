@@ -7,22 +7,11 @@ import time
 import torch
 
 from common import device, pick, sync, table
+from ovis25.train.precision import matmul_flops as train_matmul_flops
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
-    """Best FLOP/s of repeated n^3 products over `seconds` (best, not median: a briefly busy machine should
-    not lower the peak and so inflate MFU)."""
-    a = torch.randn(n, n, device=device()).to(dtype)
-    b = torch.randn(n, n, device=device()).to(dtype)
-    a @ b
-    best, end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return train_matmul_flops(dtype, device(), seconds, n)
 
 
 def memory_bandwidth(mib: int = 1024, repeat: int = 5) -> dict[str, float]:

@@ -58,7 +58,8 @@ GREEDY_ITEMS = 50  # test items per task for the greedy accuracy tables (the sam
 REWARD_SAMPLES = 4  # sampled answers per held-out question when measuring GRPO's reward
 ANSWER_TOKENS = {False: 32, True: 160}  # new tokens per evaluated answer, thinking off / on (trace first)
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
-# the whole tiny run (world to report) over P0's time, in fresh runs on three machines: 919/82, 964/93, 1887/159
+# the whole tiny run (world to report) over P0's time, in fresh runs on three machines: 919/82, 964/93, 1887/159;
+# with bfloat16 products (autocast), 1017/91
 RUN_OVER_P0 = 11
 FINGERPRINT = "inputs.sha256"  # in each phase's directory: the phase_fingerprints() entry it was trained from
 

@@ -149,13 +149,13 @@ class Ovis(nn.Module):
         if targets is not None:
             keep = targets != IGNORE_ID
             with full_precision:
-                logits = self.llm.lm_head(hidden[keep].to(self.llm.lm_head.weight.dtype)).float()
+                logits = self.llm.lm_head(hidden[keep]).float()
                 token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
             return OvisOutput(logits=None, loss=token_loss.sum(), hidden_states=states, token_logps=-token_loss)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         with full_precision:
-            logits = self.llm.lm_head(hidden.to(self.llm.lm_head.weight.dtype))
+            logits = self.llm.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

@@ -18,22 +18,22 @@ import torch
 CPU_SPEEDUP_NEEDED = 3.0
 
 
-def matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 seconds: float = 0.3) -> float:
-    """Dense matmul FLOP/s of this machine in `dtype`: the fastest of many 1024^3 products, so that a briefly
-    busy machine does not lower it."""
-    a = torch.randn(1024, 1024, device=device).to(dtype)
-    b = torch.randn(1024, 1024, device=device).to(dtype)
+def matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seconds: float = 0.3,
+                 n: int = 1024) -> float:
+    """Dense matmul FLOP/s of this machine in `dtype`: the fastest of many n^3 products, so that a briefly busy
+    machine does not lower it (and inflate an MFU measured against it)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
-    sync()
     best, t_end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < t_end:
+        sync()
         t0 = time.perf_counter()
         a @ b
         sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 / best
+    return 2 * n**3 / best
 
 
 @functools.cache

@@ -13,8 +13,8 @@ import time
 import torch
 
 # auto: bfloat16 on a CPU only where its products are at least this much faster than float32's. Measured with
-# the demo's P2 steps: 4.2x faster products made steps 1.4x faster (AMD Zen 5); on a Zen 4 (2.2x) autocast
-# was slower than float32, the casts and the slower elementwise work eating the gain.
+# the demo's P2: 4.2x faster products made it 1.5-1.7x faster (AMD Zen 5); on a Zen 4 (2.2x) whole-model autocast,
+# then with bfloat16 attention, ran at 0.89x float32's speed, and AVX2-only CPUs emulate bfloat16.
 CPU_SPEEDUP_NEEDED = 3.0
 
 

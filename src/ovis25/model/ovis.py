@@ -127,7 +127,8 @@ class Ovis(nn.Module):
         """
         # Under autocast only the decoder layers run in low precision: the visual tokenizer, the VET and the
         # logits stay float32 (with them in bfloat16 the tiny demo's P2 learned worse and ran slower; DEMO.md)
-        full_precision = torch.autocast((input_ids if inputs_embeds is None else inputs_embeds).device.type, enabled=False)
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
+        full_precision = torch.autocast(device.type, enabled=False)
         if inputs_embeds is None:
             with full_precision:
                 inputs_embeds = self.merge_embeddings(input_ids, pixel_values, grid_thws)

@@ -115,9 +115,9 @@ def parallelize(model: Ovis, cfg: TrainConfig, world: int, device: torch.device)
 def forward_packed(model: torch.nn.Module, b: dict, device: torch.device, dtype: torch.dtype | None = None):
     """One packed row through the (possibly wrapped) model -> OvisOutput with the summed loss and per-target
     log-probs; `dtype`: autocast the products to it (None: float32)."""
+    pixel_values = None if b["pixel_values"] is None else b["pixel_values"].to(device)
     with autocast(dtype, device):
-            return model(b["input_ids"].to(device), b["pixel_values"] if b["pixel_values"] is None
-                     else b["pixel_values"].to(device), b["grid_thws"], position_ids=b["position_ids"].to(device),
+        return model(b["input_ids"].to(device), pixel_values, b["grid_thws"], position_ids=b["position_ids"].to(device),
                      cu_seqlens=b["cu_seqlens"], targets=b["targets"].to(device), always_run_vision=True)
 
 

@@ -127,6 +127,10 @@ def test_demo_pipeline_wiring(tmp_path):
     assert cli_main(command[1:] + ["--max-new-tokens", "4", "--no-stream"]) == 0
     report = (run / "report.md").read_text()
     assert "Accuracy per task" in report and "constant answer |" in report and "Vision pretraining (P0v)" in report and "Held-out reward of sampled" in report and "| mean |" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
+    # each count question's category is the answer it needs: the per-category rows cover the per-task ones
+    eval_p2 = json.loads((run / "eval.json").read_text())["p2"]["count"]
+    assert sum(c["n"] for c in eval_p2["categories"].values()) == eval_p2["n"]
+    assert "Accuracy by category" in report and re.search(r"\| count \| [1-5] to count \|", report)
 
 
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):

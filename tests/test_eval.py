@@ -9,8 +9,8 @@ from PIL import Image
 
 from conftest import model_dir, requires_fixtures
 from ovis25.chat import Chat
-from ovis25.eval import (constant_answer_baseline, evaluate, format_table, load_items, main, same_media_batches,
-                         sampled_reward, summarize)
+from ovis25.eval import (constant_answer_baseline, evaluate, format_category_table, format_table, load_items, main,
+                         same_media_batches, sampled_reward, summarize)
 from ovis25.processing import PixelBudgets
 
 pytestmark = [requires_fixtures, pytest.mark.usefixtures("single_thread")]
@@ -176,3 +176,21 @@ def test_answers_without_a_box_are_counted_apart_from_bad_aim():
     assert summary["ground"]["with_box"] == 0.5  # a box only inside the trace does not count
     assert format_table({"p4": summary}).endswith("| ground | 0.00 (IoU 0.00) no box in 0.50 |")
     assert "no box" not in format_table({"p4": summarize(rows[:1] + rows[3:], False)})
+
+
+def test_items_with_categories_are_also_scored_per_category(tmp_path):
+    rows = [{"id": f"q{i}", "task": "count", "question": "How many?", "answer": "1", "category": category}
+            for i, category in enumerate(["2 to count", "1 to count", "2 to count"])]
+    rows.append({"id": "r0", "task": "read", "question": "What?", "answer": "x"})
+    items = load_items(write_bench(tmp_path, rows))
+    assert [it.category for it in items] == ["2 to count", "1 to count", "2 to count", ""]
+    scored = [{"task": it.task, "metric": "exact", "score": score, "category": it.category}
+              for it, score in zip(items[:3], [1.0, 0.0, 0.0])]
+    scored.append({"task": "read", "metric": "exact", "score": 1.0})
+    summary = summarize(scored, False)
+    assert summary["count"]["categories"] == {"1 to count": {"accuracy": 0.0, "n": 1},
+                                              "2 to count": {"accuracy": 0.5, "n": 2}}
+    assert "categories" not in summary["read"]
+    table = format_category_table({"p2": summary, "p3": {"count": summary["count"]}})
+    assert table.splitlines()[2:] == ["| count | 1 to count | 0.00 | 0.00 | 1 |", "| count | 2 to count | 0.50 | 0.50 | 2 |"]
+    assert format_category_table({"p2": summarize(scored[3:], False)}) == ""

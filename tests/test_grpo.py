@@ -21,7 +21,7 @@ from ovis25.generation import EARLY_STOP_TEXT, GenerationConfig
 from ovis25.train import load_recipe, train
 from ovis25.train.data import DataError, SampleBuilder, load_datainfo, plan_datasets
 from ovis25.train.grpo import (GRPOOptions, OpenAIRollouts, engine_rollouts, group_advantages, grpo_token_loss,
-                               openai_messages, prompt_planner)
+                               openai_messages, prompt_planner, response_scales)
 from ovis25.train.rewards import REWARDS, RewardScorer, answer_text, parse_rewards, register_reward
 
 pytestmark = [requires_fixtures, pytest.mark.usefixtures("single_thread")]
@@ -294,6 +294,37 @@ def test_zero_advantage_responses_are_left_out_without_changing_the_update(tmp_p
     assert any(not torch.equal(start[k], weights["skip"][k]) for k in start)
     for k, v in weights["all"].items():
         torch.testing.assert_close(weights["skip"][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_norms_average_over_tokens_or_over_responses():
+    token_losses = [torch.tensor([3.0]), torch.tensor([1.0, 2.0, 6.0]), torch.tensor([0.0, 4.0])]
+    lengths = [len(t) for t in token_losses]
+    for norm, expected in (("token", 16 / 6), ("sequence", (3 + 3 + 2) / 3)):
+        scales = response_scales(lengths, norm)
+        weighted = sum(float((t * w).sum()) for t, w in zip(token_losses, scales))
+        assert weighted / sum(n * w for n, w in zip(lengths, scales)) == pytest.approx(expected)
+    assert response_scales([0, 2], "sequence") == [0.0, 0.5]  # a response with no trained token weighs nothing
+    with pytest.raises(ValueError, match="grpo_loss_norm"):
+        GRPOOptions(grpo_loss_norm="response").validate()
+
+
+def test_sequence_loss_norm_trains_like_token_norm_on_one_token_responses(tmp_path, peaked_model):
+    """With one-token responses the two means are one: the same update, and on policy (ratio 1) the same loss,
+    minus the mean advantage, 0."""
+    info = toy_task(tmp_path)
+    weights = {}
+    for norm in ("token", "sequence"):
+        run = tmp_path / norm
+        train(load_recipe(None, grpo_recipe(peaked_model, run, info, "max_steps=1", "grpo_epochs=1",
+                                            "grpo_max_new_tokens=1", f'grpo_loss_norm="{norm}"',
+                                            "grpo_prompts_per_step=8", "seed=1", 'autocast="off"')))
+        row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["trained_responses"] > 0 and row["loss"] == pytest.approx(0.0, abs=1e-6)
+        weights[norm] = load_file(str(run / "final" / "model.safetensors"))
+    start = load_file(str(peaked_model / "model.safetensors"))
+    assert any(not torch.equal(start[k], weights["sequence"][k]) for k in start)
+    for k, v in weights["token"].items():
+        torch.testing.assert_close(weights["sequence"][k], v, rtol=1e-5, atol=1e-7)
 
 
 def test_reference_answers_longer_than_the_rollouts_are_reported(tmp_path, peaked_model, caplog):

@@ -155,6 +155,20 @@ def test_split_specific_fields(world):
     for row in rows["test"]:
         assert row["metric"] in ("exact", "number", "iou")
         assert row["conversations"][0]["value"].endswith(row["question"])
+        # the category says what the answer and question show
+        category, answer = row["category"], row["answer"]
+        if row["task"] == "count":
+            assert category == f"{answer} to count"
+        elif row["task"] == "ocr":
+            assert category == f"{'number' if answer.isdigit() else 'word'} of {len(answer)}"
+        elif row["task"] == "chart":
+            assert category == ("highest bar" if row["question"] == "Which bar is highest?" else
+                                "add two bars" if " plus " in row["question"] else "read a bar")
+        elif row["task"] == "attribute":
+            assert category == f"asks the {'color' if 'color' in row['question'] else 'shape'}"
+        elif row["task"] == "video":
+            assert category == f"{len(row['video_frames'])} frames"
+    assert len({r["category"] for r in rows["test"] if r["task"] == "ocr"}) > 2
 
 
 def test_pair_kinds_take_their_shares():

@@ -1,9 +1,10 @@
 """Evaluation on a JSONL benchmark: accuracy per task, with thinking on and/or off.
 
 A benchmark line is `{"id", "task", "question" | "conversations", "image": path | [paths] |
-"video_frames": [paths], "answer", "metric"}` with paths relative to the file's folder (or `image_dir`)
-and metric the name of a reward in `ovis25.train.rewards.REWARDS` (exact, number, choice, iou, ...; `iou`
-counts a hit at IoU >= 0.5 and also reports mean IoU).
+"video_frames": [paths], "answer", "metric"[, "category"]}` with paths relative to the file's folder (or
+`image_dir`) and metric the name of a reward in `ovis25.train.rewards.REWARDS` (exact, number, choice, iou,
+...; `iou` counts a hit at IoU >= 0.5 and also reports mean IoU). Items with a `category` (a sub-kind of
+their task, e.g. how many objects there are to count) are also scored per category.
 The synthetic world's held-out split (`WORLD/test.jsonl`, images under `WORLD/images`) is the `synth` suite.
 
     python -m ovis25.eval MODEL_DIR --suite synth --world runs/demo/world [--thinking both] [--out eval.json]
@@ -34,6 +35,7 @@ class EvalItem:
     video: list[Path] | None
     answer: str
     metric: str
+    category: str = ""
 
     def pixels(self, budgets: PixelBudgets | None) -> dict[str, int]:
         return media_pixels(budgets, len(self.images), self.video is not None)
@@ -71,7 +73,7 @@ def load_items(path: str | Path, image_dir: str | Path | None = None, limit_per_
         if row.get("metric", "exact") not in REWARDS:
             raise ValueError(f"{path}: line {n}: unknown metric {row['metric']!r}; known: {sorted(REWARDS)}")
         items.append(EvalItem(str(row.get("id", n)), task, conversations, images, video, str(row["answer"]),
-                              row.get("metric", "exact")))
+                              row.get("metric", "exact"), str(row.get("category", ""))))
     return items
 
 
@@ -112,7 +114,7 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
             value = REWARDS[it.metric]("", res.text, it.answer)
             rows.append({"id": it.id, "task": it.task, "answer": it.answer, "response": res.text,
                          "thinking": res.thinking, "metric": it.metric, "score": value,
-                         "prompt_tokens": res.usage["prompt_tokens"]})
+                         "prompt_tokens": res.usage["prompt_tokens"], **({"category": it.category} if it.category else {})})
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -121,7 +123,8 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
 
 
 def summarize(rows: list[dict], enable_thinking: bool) -> dict[str, dict]:
-    """Scored answer rows -> {task: {"accuracy", "n", "thinking"[, "mean_iou"]}}."""
+    """Scored answer rows -> {task: {"accuracy", "n", "thinking"[, "mean_iou", "with_box"][, "categories":
+    {category: {"accuracy", "n"[, "mean_iou"]}} in sorted order, when its rows have categories]}}."""
     summary: dict[str, dict] = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         scores = [r for r in rows if r["task"] == task]
@@ -131,7 +134,19 @@ def summarize(rows: list[dict], enable_thinking: bool) -> dict[str, dict]:
             summary[task]["mean_iou"] = sum(r["score"] for r in scores) / len(scores)
             # a broken answer format (no box at all) looks like bad aim in the IoU alone
             summary[task]["with_box"] = sum(bool(parse_boxes(answer_text(r["response"]))) for r in scores) / len(scores)
+        categories = sorted({r["category"] for r in scores if r.get("category")})
+        if categories:
+            summary[task]["categories"] = {c: category_summary([r for r in scores if r.get("category") == c])
+                                           for c in categories}
     return summary
+
+
+def category_summary(rows: list[dict]) -> dict:
+    hits = [is_hit(r) for r in rows]
+    out = {"accuracy": sum(hits) / len(hits), "n": len(hits)}
+    if rows[0]["metric"] == "iou":
+        out["mean_iou"] = sum(r["score"] for r in rows) / len(rows)
+    return out
 
 
 GUESSING = "constant answer"  # the label of constant_answer_baseline's column beside a model's
@@ -244,6 +259,23 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def format_category_table(results: dict[str, dict[str, dict]]) -> str:
+    """As `format_table`, a row per (task, category) for the tasks whose summaries have categories, with the
+    number of items; "" when none has."""
+    rows = list(dict.fromkeys((t, c) for col in results.values() for t, s in col.items()
+                              for c in s.get("categories", {})))
+    if not rows:
+        return ""
+    lines = ["| task | category | " + " | ".join(results) + " | n |", "|---|---|" + "---|" * (len(results) + 1)]
+    for t, c in rows:
+        cells = [col.get(t, {}).get("categories", {}).get(c) for col in results.values()]
+        n = max((s["n"] for s in cells if s), default=0)
+        lines.append(f"| {t} | {c} | " + " | ".join(
+            "" if s is None else f"{s['accuracy']:.2f}" + (f" (IoU {s['mean_iou']:.2f})" if "mean_iou" in s else "")
+            for s in cells) + f" | {n} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -291,7 +323,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ovis25 eval: {e}")
     # the guessing level beside the model: an image-blind constant answer (not a mode, so not in --out); the
     # items are the same in every mode, so one mode's rows give it
-    print(format_table({**results, GUESSING: constant_answer_baseline(rows)}))
+    columns = {**results, GUESSING: constant_answer_baseline(rows)}
+    print(format_table(columns))
+    by_category = format_category_table(columns)
+    if by_category:
+        print("\nBy category:\n" + by_category)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     if args.answers:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .eval import GUESSING, constant_answer_baseline, format_table, paired_gain, pairs_by_kind
+from .eval import GUESSING, constant_answer_baseline, format_category_table, format_table, paired_gain, pairs_by_kind
 from .grounding import draw_grounding, parse_boxes
 
 
@@ -169,6 +169,12 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
     lines += ["## Accuracy per task (held out)", "",
               "Greedy answers; `constant answer` is what ignoring the image reaches: always the one reference answer "
               "(for boxes, the one box) that scores best on these items.", "", format_table(columns), ""]
+    by_category = format_category_table({k: v for k, v in columns.items() if not k.endswith("+think")})
+    if by_category:
+        lines += ["## Accuracy by category (held out, thinking off)", "",
+                  "The same answers split by what sets a question apart within its task (how many objects to count, "
+                  "how long a text, what a chart question asks): how far along a task each target is reached. "
+                  "`n`: items per category, few, so a cell moves by a few tenths between runs.", "", by_category, ""]
     if (run / "preference.json").exists():
         lines += preference_table(json.loads((run / "preference.json").read_text()))
     if (run / "p5" / "metrics.jsonl").exists():

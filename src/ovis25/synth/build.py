@@ -8,7 +8,8 @@
     OUT/dpo.jsonl              P4: {"id", "task", "kind", visuals, "conversations" (prompt), "chosen", "rejected"}
                                (kinds: see PAIR_KINDS)
     OUT/grpo.jsonl             P5: {"id", "task", visuals, "conversations" (prompt), "answer", "reward"}
-    OUT/test.jsonl             held out: {"id", "task", visuals, "question", "conversations", "answer", "metric"}
+    OUT/test.jsonl             held out: {"id", "task", visuals, "question", "conversations", "answer", "metric",
+                               "category" (`world.question_category`)}
     OUT/images/<split>/<task>/<id>[_k].png
     OUT/tokenizer/             a BPE trained on the world's text (see ovis25.synth.tokenizer)
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .world import TASKS, Sample, misled_thinking, thinking, unfaithful_thinking
+from .world import TASKS, Sample, misled_thinking, question_category, thinking, unfaithful_thinking
 
 SPLITS = ("caption", "qa", "think", "dpo", "grpo", "test")
 CAPTIONED = ("count", "attribute", "spatial", "ocr", "chart", "grounding")  # single-image tasks
@@ -108,7 +109,7 @@ def record(split: str, sid: str, sample: Sample, paths: list[str], rng: random.R
     if split == "grpo":
         return {**head, "conversations": prompt, "answer": sample.answer, "reward": sample.metric}
     return {**head, "question": sample.question, "conversations": prompt, "answer": sample.answer,
-            "metric": sample.metric}
+            "metric": sample.metric, "category": question_category(sample)}
 
 
 def write_json(path: Path, obj) -> None:

@@ -439,6 +439,26 @@ def video(rng: random.Random) -> Sample:
 
 TASKS = {"count": count, "attribute": attribute, "spatial": spatial, "ocr": ocr, "chart": chart,
          "grounding": grounding, "multi_image": multi_image, "video": video}
+CHART_KINDS = {"value": "read a bar", "highest": "highest bar", "sum": "add two bars"}
+
+
+def question_category(sample: Sample) -> str:
+    """What sets a question apart within its task (how many to count, how long a text, what a chart question
+    asks), so that accuracy can be broken down by it: where along a task the model stops reaching a target."""
+    m = sample.meta
+    if sample.task == "count":
+        return f"{m['count']} to count"
+    if sample.task == "attribute":
+        return f"asks the {m['asked']}"
+    if sample.task == "ocr":
+        return f"{m['kind']} of {len(m['text'])}"
+    if sample.task == "chart":
+        return CHART_KINDS[m["kind"]]
+    if sample.task == "multi_image":
+        return f"counts differ by {abs(m['counts'][0] - m['counts'][1])}"
+    if sample.task == "video":
+        return f"{len(m['balls'])} frames"
+    return f"{len(m['objects'])} objects"  # spatial, grounding: how many to pick the named ones from
 
 
 def thinking(sample: Sample, self_correct: bool = False) -> str:

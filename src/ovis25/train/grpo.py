@@ -18,8 +18,9 @@ One GRPO step (`max_steps` counts these) is one rollout batch:
      (or of one response) gets A = 0.
   3. Old log-probs (the policy right after the rollout) and, with `grpo_kl_coef` > 0, the reference
      log-probs (a frozen copy of the initial policy) of every response token, computed once.
-  4. `grpo_epochs` optimizer steps over the batch, each minimising, over every response token t of the
-     global batch (token-level normalisation: the sum divided by the number of response tokens),
+  4. `grpo_epochs` optimizer steps over the batch, each minimising the mean over the response tokens t of the
+     global batch (`grpo_loss_norm = "token"`: their sum divided by their number; "sequence": each response's
+     mean over its tokens, averaged over the responses, as in the GRPO paper) of
          -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + kl_coef * k3_t,    rho_t = exp(logp_t - old_t),
          k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
      (k3: the non-negative, unbiased per-token estimator of KL(policy || reference); eps = grpo_clip_eps).
@@ -99,6 +100,7 @@ class GRPOOptions:
     grpo_thinking_share: float = 0.0       # without grpo_thinking: the share of prompts rolled out with thinking
                                            # on (drawn per prompt, fixed for the run), so RL keeps both modes
     grpo_thinking_budget: int = 0          # with thinking: force the answer after this many tokens (0: off)
+    grpo_loss_norm: str = "token"          # token: every response token weighs the same; sequence: every response
     grpo_rollout_batch: int = 64           # engine slots: sequences decoded together
     rollout_backend: str = "engine"        # engine | openai
     rollout_url: str = ""                  # the OpenAI-compatible endpoint, e.g. http://host:8000/v1
@@ -117,6 +119,8 @@ class GRPOOptions:
             raise ValueError(f"recipe: grpo_thinking_share must be in [0, 1], got {self.grpo_thinking_share}")
         if not self.grpo_temperature > 0 or not 0 < self.grpo_top_p <= 1:
             raise ValueError("recipe: need grpo_temperature > 0 (sampling) and 0 < grpo_top_p <= 1")
+        if self.grpo_loss_norm not in ("token", "sequence"):
+            raise ValueError(f"recipe: grpo_loss_norm must be 'token' or 'sequence', got {self.grpo_loss_norm!r}")
         if self.rollout_backend not in ("engine", "openai"):
             raise ValueError(f"recipe: rollout_backend must be 'engine' or 'openai', got {self.rollout_backend!r}")
         if self.rollout_backend == "openai" and not self.rollout_url:
@@ -162,6 +166,12 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         kl = torch.exp(delta) - delta - 1
         loss = loss + kl_coef * kl
     return loss, clipped < unclipped, kl
+
+
+def response_scales(lengths: list[int], norm: str) -> list[float]:
+    """Each response's per-token weight in the loss's mean, which divides by the sum of all token weights:
+    "token", 1 (every token of the batch alike); "sequence", 1 / its trained tokens (every response alike)."""
+    return [1.0 if norm == "token" else 1.0 / n if n else 0.0 for n in lengths]
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -362,19 +372,22 @@ def all_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def training_rows(samples: list[TrainSample], advantages: list[float], max_tokens: int, device: torch.device,
-                  filler: TrainSample) -> list[dict]:
-    """Packed rows, each with per-target `advantages` and a `weight`: 1, or 0 for padding rows. Every rank
+def training_rows(samples: list[TrainSample], advantages: list[float], scales: list[float], max_tokens: int,
+                  device: torch.device, filler: TrainSample) -> list[dict]:
+    """Packed rows, each with per-target `advantages` and `scales` (each sample's own, repeated over its
+    targets) and a `weight`: 1, or 0 for padding rows. Every rank
     gets as many rows as the busiest one -- FSDP needs the same forwards everywhere -- by repeating its last
     row (a tiny `filler` sample when it has none) with weight 0."""
     rows = []
     for pack in pack_first_fit([len(s.input_ids) for s in samples], max_tokens):
         batch = collate_packed([samples[i] for i in pack])
-        per_sample = torch.tensor([advantages[i] for i in pack], dtype=torch.float32)
-        rows.append({**batch, "advantages": per_sample[target_segments(batch)].to(device), "weight": 1.0})
+        segments = target_segments(batch)
+        per_sample = torch.tensor([[advantages[i], scales[i]] for i in pack], dtype=torch.float32)[segments].to(device)
+        rows.append({**batch, "advantages": per_sample[:, 0], "scales": per_sample[:, 1], "weight": 1.0})
     n = all_max(len(rows), device)
     if len(rows) < n:
-        pad = rows[-1] if rows else {**collate_packed([filler]), "advantages": torch.zeros(1, device=device)}
+        pad = rows[-1] if rows else {**collate_packed([filler]), "advantages": torch.zeros(1, device=device),
+                                     "scales": torch.zeros(1, device=device)}
         rows += [{**pad, "weight": 0.0} for _ in range(n - len(rows))]
     return rows
 
@@ -488,11 +501,13 @@ def train_grpo(cfg: TrainConfig) -> Path:
             skip_counts[f"reward_error:{name}"] = skip_counts.get(f"reward_error:{name}", 0) + n
         samples = [response_sample(b, r) for b, group in zip(built, groups) for r in group]
         advantages = adv.flatten().tolist()
-        # without a KL term a response with A = 0 has zero loss and gradient: it joins no forward, but its
-        # tokens still count in the normaliser, so the update is the one over all responses
+        lengths = [int((s.labels != IGNORE_ID).sum()) for s in samples]
+        scales = response_scales(lengths, opts.grpo_loss_norm)
+        # without a KL term a response with A = 0 has zero loss and gradient: it joins no forward, but it still
+        # counts in the normaliser, so the update is the one over all responses
         trained = [i for i, a in enumerate(advantages) if a != 0 or ref is not None]
-        rows = training_rows([samples[i] for i in trained], [advantages[i] for i in trained], cfg.max_tokens, device,
-                             filler)
+        rows = training_rows([samples[i] for i in trained], [advantages[i] for i in trained],
+                             [scales[i] for i in trained], cfg.max_tokens, device, filler)
         if rank == 0:
             with open(out / "rollouts.jsonl", "a") as f:
                 for p, group, rs, advs in zip(mine, groups, rewards.tolist(), adv.tolist()):
@@ -506,24 +521,26 @@ def train_grpo(cfg: TrainConfig) -> Path:
                 row["old"] = forward_packed(model, row, device, dtype).token_logps
                 if ref is not None:
                     row["ref"] = forward_packed(ref, row, device, dtype).token_logps
-        (global_tokens,) = all_reduce_sums([sum(int((s.labels != IGNORE_ID).sum()) for s in samples)], device)
-        if not global_tokens:
+        (normaliser,) = all_reduce_sums([sum(n * w for n, w in zip(lengths, scales))], device)
+        if not normaliser:
             log.warning("step %d: no response tokens to train on (every prompt was skipped): no update", step + 1)
 
         # 4. optimisation epochs over the batch
-        stats = torch.zeros(3, dtype=torch.float64)  # loss, clipped tokens, kl: per response token
+        stats = torch.zeros(3, dtype=torch.float64)  # loss, clipped tokens, kl: means as the loss's
         grad_norm = None
-        for epoch in range(opts.grpo_epochs if global_tokens else 0):
+        for epoch in range(opts.grpo_epochs if normaliser else 0):
             sums = torch.zeros(3, dtype=torch.float64)
             for j, row in enumerate(rows):
                 with no_grad_sync(model, sync=j == len(rows) - 1):
                     logp = forward_packed(model, row, device, dtype).token_logps
                     loss, clipped, kl = grpo_token_loss(logp, row["old"], row["advantages"], opts.grpo_clip_eps,
                                                         row.get("ref"), opts.grpo_kl_coef)
-                    (loss.sum() * row["weight"] * world / global_tokens).backward()
-                kl_sum = kl.sum() if kl is not None else torch.zeros(())
-                sums += row["weight"] * torch.stack([loss.sum(), clipped.sum(), kl_sum]).detach().double().cpu()
-            epoch_stats = torch.tensor(all_reduce_sums(sums.tolist(), device)) / global_tokens
+                    scale = row["scales"]
+                    ((loss * scale).sum() * row["weight"] * world / normaliser).backward()
+                kl_sum = (kl * scale).sum() if kl is not None else torch.zeros(())
+                sums += row["weight"] * torch.stack([(loss * scale).sum(), (clipped * scale).sum(),
+                                                     kl_sum]).detach().double().cpu()
+            epoch_stats = torch.tensor(all_reduce_sums(sums.tolist(), device)) / normaliser
             grad_norm = apply_update(model, optimizer, scheduler, cfg, float(epoch_stats[0]),
                                      step * opts.grpo_epochs + epoch)
             stats += epoch_stats / opts.grpo_epochs

@@ -135,12 +135,14 @@ def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert results["thinking off"]["t"]["n"] == 1 and "| t |" in printed and "constant answer |" in printed
     assert "constant answer" not in results  # a guessing level, not a mode of the model
+    assert "By category" not in printed  # the items have none
     rows = [json.loads(line) for line in answers.read_text().splitlines()]  # one per item and mode
     assert [(r["id"], r["enable_thinking"]) for r in rows] == [("a", False), ("a", True)]
     for row, mode in zip(rows, ("off", "on")):
         assert row["score"] == results[f"thinking {mode}"]["t"]["accuracy"] and row["answer"] == "x"
-    # per-kind budgets: a clip at its own, the image at --min/--max-pixels
-    clip = {"id": "c", "task": "t", "video_frames": ["img/0.png", "img/1.png"], "question": "Q?", "answer": "x"}
+    # per-kind budgets: a clip at its own, the image at --min/--max-pixels; categories printed apart
+    clip = {"id": "c", "task": "t", "video_frames": ["img/0.png", "img/1.png"], "question": "Q?", "answer": "x",
+            "category": "clip"}
     bench = write_bench(tmp_path, [{"id": "a", "task": "t", "image": "img/0.png", "question": "Q?", "answer": "x"}, clip])
     main([str(model_dir()), "--data", str(bench), "--thinking", "off", "--max-new-tokens", "2", "--answers", str(answers),
           "--min-pixels", "4096", "--max-pixels", "16384", "--video-min-pixels", "1024", "--video-max-pixels", "2048"])
@@ -148,6 +150,8 @@ def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
     expected = evaluate(Chat.from_pretrained(model_dir()), load_items(bench), False, 2, progress=False, budgets=budgets)[1]
     assert [json.loads(line)["prompt_tokens"] for line in answers.read_text().splitlines()] == \
         [r["prompt_tokens"] for r in expected]
+    assert "By category" in (printed := capsys.readouterr().out) and "| t | clip |" in printed
+    assert [json.loads(line).get("category") for line in answers.read_text().splitlines()] == [None, "clip"]
     bench.write_text('{"id": "a"}\n')
     with pytest.raises(SystemExit, match="line 1: missing field"):
         main([str(model_dir()), "--data", str(bench)])

@@ -323,9 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ovis25 eval: {e}")
     # the guessing level beside the model: an image-blind constant answer (not a mode, so not in --out); the
     # items are the same in every mode, so one mode's rows give it
-    columns = {**results, GUESSING: constant_answer_baseline(rows)}
-    print(format_table(columns))
-    by_category = format_category_table(columns)
+    print(format_table({**results, GUESSING: constant_answer_baseline(rows)}))
+    by_category = format_category_table(results)  # a constant answer can be right on a whole category
     if by_category:
         print("\nBy category:\n" + by_category)
     if args.out:

@@ -114,7 +114,8 @@ def evaluate(chat, items: list[EvalItem], enable_thinking: bool, max_new_tokens:
             value = REWARDS[it.metric]("", res.text, it.answer)
             rows.append({"id": it.id, "task": it.task, "answer": it.answer, "response": res.text,
                          "thinking": res.thinking, "metric": it.metric, "score": value,
-                         "prompt_tokens": res.usage["prompt_tokens"], **({"category": it.category} if it.category else {})})
+                         "prompt_tokens": res.usage["prompt_tokens"],
+                         **({"category": it.category} if it.category else {})})
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -142,6 +143,7 @@ def summarize(rows: list[dict], enable_thinking: bool) -> dict[str, dict]:
 
 
 def category_summary(rows: list[dict]) -> dict:
+    """One category's scored rows -> {"accuracy", "n"[, "mean_iou"]}."""
     hits = [is_hit(r) for r in rows]
     out = {"accuracy": sum(hits) / len(hits), "n": len(hits)}
     if rows[0]["metric"] == "iou":

@@ -375,9 +375,9 @@ def all_max(value: int, device: torch.device) -> int:
 def training_rows(samples: list[TrainSample], advantages: list[float], scales: list[float], max_tokens: int,
                   device: torch.device, filler: TrainSample) -> list[dict]:
     """Packed rows, each with per-target `advantages` and `scales` (each sample's own, repeated over its
-    targets) and a `weight`: 1, or 0 for padding rows. Every rank
-    gets as many rows as the busiest one -- FSDP needs the same forwards everywhere -- by repeating its last
-    row (a tiny `filler` sample when it has none) with weight 0."""
+    targets) and a `weight`: 1, or 0 for padding rows. Every rank gets as many rows as the busiest one -- FSDP
+    needs the same forwards everywhere -- by repeating its last row (a tiny `filler` sample when it has none)
+    with weight 0."""
     rows = []
     for pack in pack_first_fit([len(s.input_ids) for s in samples], max_tokens):
         batch = collate_packed([samples[i] for i in pack])

@@ -11,6 +11,7 @@ import torch
 from conftest import REPO
 
 from ovis25 import Ovis, Processor
+from ovis25.chat import Chat
 from ovis25.cli import main as cli_main
 from ovis25.demo import TRAIN_PHASES, StaleRunError, run_demo, try_it
 from ovis25.synth.build import CAPTIONED
@@ -18,6 +19,7 @@ from ovis25.synth.regions import CLASS, CLASSES
 from ovis25.synth.world import SHAPES
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import attribute_lookup  # noqa: E402  (benchmarks/attribute_lookup.py)
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
 import token_oracle  # noqa: E402  (benchmarks/token_oracle.py)
 import weight_merge  # noqa: E402  (benchmarks/weight_merge.py)
@@ -117,6 +119,11 @@ def test_demo_pipeline_wiring(tmp_path):
         (width, height), (_, rows, cols) = item.image.size, grid[0].tolist()
         cells = {(int(o.center[1] * rows / 2 / height), int(o.center[0] * cols / 2 / width)) for o in counted}
         assert classes.count(CLASS[f"{counted[0].color} {shape} centre"]) == len(cells)
+    # the swap test asks every object of a multi-object attribute scene, each question about one object
+    groups = attribute_lookup.swapped_questions(run / "world", 0)
+    assert groups and all(len({q for q, _ in g["pairs"]}) == len(g["pairs"]) > 1 for g in groups)
+    scores = attribute_lookup.score(Chat.from_pretrained(run / "p2" / "final"), groups[:2])
+    assert sum(s["scenes"] for s in scores.values()) == 2 and all(s["right"] <= s["questions"] for s in scores.values())
     for variant in ("real", "oracle", "argmax"):
         result = token_oracle.train_variant(run / "p1" / "final", "count", variant, steps=2, batch=2, test_n=3,
                                             evals=1, seed=0)

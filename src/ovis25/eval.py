@@ -129,21 +129,21 @@ def summarize(rows: list[dict], enable_thinking: bool) -> dict[str, dict]:
     summary: dict[str, dict] = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         scores = [r for r in rows if r["task"] == task]
-        hits = [is_hit(r) for r in scores]
-        summary[task] = {"accuracy": sum(hits) / len(hits), "n": len(hits), "thinking": enable_thinking}
+        summary[task] = {**score_summary(scores), "thinking": enable_thinking}
         if scores[0]["metric"] == "iou":
-            summary[task]["mean_iou"] = sum(r["score"] for r in scores) / len(scores)
             # a broken answer format (no box at all) looks like bad aim in the IoU alone
             summary[task]["with_box"] = sum(bool(parse_boxes(answer_text(r["response"]))) for r in scores) / len(scores)
-        categories = sorted({r["category"] for r in scores if r.get("category")})
-        if categories:
-            summary[task]["categories"] = {c: category_summary([r for r in scores if r.get("category") == c])
-                                           for c in categories}
+        by_category: dict[str, list[dict]] = {}
+        for r in scores:
+            if r.get("category"):
+                by_category.setdefault(r["category"], []).append(r)
+        if by_category:
+            summary[task]["categories"] = {c: score_summary(by_category[c]) for c in sorted(by_category)}
     return summary
 
 
-def category_summary(rows: list[dict]) -> dict:
-    """One category's scored rows -> {"accuracy", "n"[, "mean_iou"]}."""
+def score_summary(rows: list[dict]) -> dict:
+    """Scored rows of one metric -> {"accuracy", "n"[, "mean_iou"]}."""
     hits = [is_hit(r) for r in rows]
     out = {"accuracy": sum(hits) / len(hits), "n": len(hits)}
     if rows[0]["metric"] == "iou":
@@ -246,6 +246,10 @@ def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
     return mean, 1.96 * (var / len(diffs)) ** 0.5
 
 
+def accuracy_cell(summary: dict) -> str:
+    return f"{summary['accuracy']:.2f}" + (f" (IoU {summary['mean_iou']:.2f})" if "mean_iou" in summary else "")
+
+
 def format_table(results: dict[str, dict[str, dict]]) -> str:
     """results: {column label: {task: summary}} -> markdown table of accuracies (mean IoU in brackets)."""
     tasks = list(dict.fromkeys(t for col in results.values() for t in col))
@@ -254,8 +258,7 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
         cells = []
         for col in results.values():
             s = col.get(t)
-            cells.append("" if s is None else f"{s['accuracy']:.2f}" + (f" (IoU {s['mean_iou']:.2f})"
-                                                                        if "mean_iou" in s else "")
+            cells.append("" if s is None else accuracy_cell(s)
                          + (f" no box in {1 - s['with_box']:.2f}" if s.get("with_box", 1) < 1 else ""))
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -272,9 +275,7 @@ def format_category_table(results: dict[str, dict[str, dict]]) -> str:
     for t, c in rows:
         cells = [col.get(t, {}).get("categories", {}).get(c) for col in results.values()]
         n = max((s["n"] for s in cells if s), default=0)
-        lines.append(f"| {t} | {c} | " + " | ".join(
-            "" if s is None else f"{s['accuracy']:.2f}" + (f" (IoU {s['mean_iou']:.2f})" if "mean_iou" in s else "")
-            for s in cells) + f" | {n} |")
+        lines.append(f"| {t} | {c} | " + " | ".join("" if s is None else accuracy_cell(s) for s in cells) + f" | {n} |")
     return "\n".join(lines)
 
 

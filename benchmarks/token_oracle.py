@@ -1,7 +1,7 @@
 """Is it the visual tokens or the LLM that holds the demo's tiny Ovis back on a task?
 
-    python benchmarks/token_oracle.py [--task grounding|count] [--run runs/demo] [--variants real,oracle,...]
-                                      [--steps 1500] [--batch 16] [--test 100]
+    python benchmarks/token_oracle.py [--task grounding|count|attribute] [--run runs/demo] [--variants real,oracle,...]
+                                      [--steps 1500] [--batch 16] [--test 100] [--qk-scale 1] [--head-scale 1]
 
 Each variant trains the LLM and the VET of the demo's P1 checkpoint on fresh questions of one task
 (`--steps` x `--batch` questions, AdamW at P2's rate and schedule), with the visual embeddings either
@@ -18,8 +18,14 @@ Tasks:
   held-out images each object is asked for in turn (greedy). Scores: mean IoU, and "picks the named
   object", the share of answers whose box centre is nearer the named object than the other (0.5: the name
   is ignored).
+- `attribute`: the demo's attribute questions on scenes of two or three objects, each object asked about in
+  turn on the test. Scores: accuracy asking a colour (of a named shape) and a shape (of a named colour), and
+  the share of scenes given one answer whatever object was named.
 - `count`: the demo's counting questions (1-5 objects of one shape and colour, up to two distractors).
   Scores: accuracy on `--test` held-out questions, and accuracy by the true count.
+
+`--qk-scale X` multiplies every LLM attention logit by X from the start (sharper attention), `--head-scale X`
+every visual token logit (sharper visual tokens).
 
 Prints a table and writes benchmarks/results/OUT.json (OUT: TASK_oracle unless --out says otherwise).
 """
@@ -119,14 +125,65 @@ class Count:
         return {"accuracy": round(sum(map(sum, right.values())) / len(items), 3), "by_count": by_count}
 
 
-TASKS = {"grounding": Grounding, "count": Count}
+class Attribute:
+    """The demo's attribute questions on scenes of two or three objects (distinct shapes, distinct colours):
+    "What color is the <shape>?" or "What shape is the <colour> object?"; the test asks about each object in
+    turn, so a model that ignores the name cannot score above 1/objects."""
+    name, max_new_tokens = "attribute", 4
+
+    def __init__(self, echo: bool):
+        if echo:
+            raise ValueError("attribute has no +echo form")
+
+    @staticmethod
+    def ask(image, objs: list, target: int, asked: str) -> Item:
+        obj = objs[target]
+        if asked == "color":
+            return Item(image, objs, f"What color is the {obj.shape}?", obj.color, target)
+        return Item(image, objs, f"What shape is the {obj.color} object?", obj.shape, target)
+
+    @staticmethod
+    def scene(rng: random.Random) -> tuple:
+        k = rng.randint(2, 3)
+        return world.scene(rng, list(zip(rng.sample(world.SHAPES, k), rng.sample(list(world.COLORS), k))))
+
+    def draw(self, rng: random.Random) -> Item:
+        return self.ask(*self.scene(rng), target=0, asked=rng.choice(("color", "shape")))
+
+    def test_items(self, rng: random.Random, n: int) -> list[Item]:
+        items = []
+        for i in range(n):
+            image, objs = self.scene(rng)
+            items += [self.ask(image, objs, t, ("color", "shape")[i % 2]) for t in range(len(objs))]
+        return items
+
+    def score(self, items: list[Item], replies: list[str]) -> dict:
+        """Accuracy per kind asked, and the share of scenes where every object got the same answer."""
+        right: dict[str, list[bool]] = {"color": [], "shape": []}
+        scenes: dict[int, tuple[str, list[str]]] = {}
+        for item, reply in zip(items, replies):
+            asked = "color" if item.question.startswith("What color") else "shape"
+            right[asked].append(reply.strip() == item.answer)
+            scenes.setdefault(id(item.image), (asked, []))[1].append(reply.strip())
+        same = {k: [len(set(r)) == 1 for a, r in scenes.values() if a == k] for k in right}
+        return {**{f"{k}_accuracy": round(sum(v) / len(v), 3) for k, v in right.items()},
+                **{f"{k}_same_answer": round(sum(v) / len(v), 3) for k, v in same.items()}}
+
+
+TASKS = {"grounding": Grounding, "count": Count, "attribute": Attribute}
 
 
 class Oracle:
     """The model, its processor and how a question becomes embeddings with the variant's visual tokens."""
 
-    def __init__(self, init: Path, tokens: str):
+    def __init__(self, init: Path, tokens: str, qk_scale: float = 1.0, head_scale: float = 1.0):
         self.model, self.processor = Ovis.from_pretrained(init), Processor.from_pretrained(init)
+        with torch.no_grad():
+            for layer in self.model.llm.model.layers:  # every LLM attention logit times qk_scale
+                layer.self_attn.q_norm.weight.mul_(qk_scale)
+            head_norm = self.model.visual_tokenizer.head[1]  # every visual token logit times head_scale
+            head_norm.weight.mul_(head_scale)
+            head_norm.bias.mul_(head_scale)
         self.tokens = tokens
         self.position_weight = VisionPretrainConfig.position_weight
 
@@ -183,12 +240,12 @@ def score(oracle: Oracle, task, test: list[Item]) -> dict:
 
 
 def train_variant(init: Path, task_name: str, variant: str, steps: int, batch: int, test_n: int, evals: int,
-                  seed: int) -> dict:
+                  seed: int, qk_scale: float = 1.0, head_scale: float = 1.0) -> dict:
     tokens = variant.split("+")[0]
     task = TASKS[task_name](echo=variant.endswith("+echo"))
     test = task.test_items(random.Random(999), test_n)
     torch.manual_seed(seed)
-    oracle = Oracle(init, tokens)
+    oracle = Oracle(init, tokens, qk_scale, head_scale)
     model = oracle.model
     lrs = {"llm": LR, "vte": LR} | ({"visual_tokenizer.head": HEAD_LR} if tokens == "real" else {})
     groups = {}
@@ -228,13 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default=None,
                     help="VISUAL_TOKENS[+echo], comma-separated; VISUAL_TOKENS: real, oracle or argmax; +echo: "
                          "grounding only (default: real,oracle,oracle+echo,real+echo,argmax+echo for grounding, "
-                         "real,oracle,argmax for count)")
+                         "real,oracle,argmax for count and attribute)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16, help="questions per step")
     ap.add_argument("--test", type=int, default=100,
                     help="held-out images (grounding: each object asked, twice the answers)")
     ap.add_argument("--evals", type=int, default=3, help="scored points along each run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--qk-scale", type=float, default=1.0,
+                    help="multiply the LLM's query-norm weights, so every attention logit, by this at the start")
+    ap.add_argument("--head-scale", type=float, default=1.0,
+                    help="multiply the visual head's LayerNorm (weight and bias), so every visual token logit, by "
+                         "this: sharper visual tokens (`real`, `argmax`)")
     ap.add_argument("--out", default=None, help="name of the result file in benchmarks/results (TASK_oracle)")
     args = ap.parse_args(argv)
     default = "real,oracle,oracle+echo,real+echo,argmax+echo" if args.task == "grounding" else "real,oracle,argmax"
@@ -247,10 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     init = p1_checkpoint(args.run)
     out = args.out or f"{args.task}_oracle"
     results = {"task": args.task, "init": str(init), "steps": args.steps, "batch": args.batch,
-               "test": args.test, "threads": torch.get_num_threads(), "variants": {}}
+               "test": args.test, "qk_scale": args.qk_scale, "head_scale": args.head_scale, "threads": torch.get_num_threads(), "variants": {}}
     for variant in variants:
         results["variants"][variant] = train_variant(init, args.task, variant, args.steps, args.batch, args.test,
-                                                     args.evals, args.seed)
+                                                     args.evals, args.seed, args.qk_scale,
+                                                     args.head_scale)
     metrics = [k for k in results["variants"][variants[0]] if k not in ("curve", "step", "questions", "train_s")]
     lines = [f"\n{args.task}, {args.steps * args.batch} questions, from {init}:",
              f"| visual tokens | {' | '.join(metrics)} | train s |", "|---" * (len(metrics) + 2) + "|"]

@@ -416,6 +416,27 @@ def test_merge_with_init_exports_a_mix_of_the_trained_and_initial_weights(tmp_pa
                                  f'datainfo="{datainfo}"', "merge_with_init=1"]))
 
 
+def test_sharpen_visual_tokens_raises_the_softmax_temperature_in_the_saved_weights(tmp_path):
+    """`sharpen_visual_tokens=x` multiplies every visual token logit by x before training: with the learning
+    rate at zero the exported checkpoint's visual tokens are softmax(x * the initial logits)."""
+    datainfo = make_dataset(tmp_path / "data")
+    final = train(load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{tmp_path / "run"}"',
+                                     f'datainfo="{datainfo}"', "max_tokens=256", "max_steps=1", "lr=1e-30",
+                                     "progress=false", "sharpen_visual_tokens=3.0", *TINY_BUDGET]))
+    before, after = Ovis.from_pretrained(tiny_model_dir()).eval(), Ovis.from_pretrained(final).eval()
+    vit = before.config.vit_config
+    pixels = torch.randn(16, vit.num_channels * vit.temporal_patch_size * vit.patch_size ** 2)
+    grid = torch.tensor([[1, 4, 4]])
+    with torch.no_grad():
+        logits = before.visual_tokenizer.head_logits(before.visual_tokenizer.vit(pixels, grid))
+        sharpened = after.visual_tokenizer(pixels, grid)
+    torch.testing.assert_close(sharpened[:, :logits.shape[-1]], (3.0 * logits).softmax(-1), rtol=1e-4, atol=1e-6)
+    assert sharpened.max(-1).values.mean() > logits.softmax(-1).max(-1).values.mean()
+    with pytest.raises(ValueError, match="sharpen_visual_tokens must be > 0"):
+        train(load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{tmp_path / "bad"}"',
+                                 f'datainfo="{datainfo}"', "sharpen_visual_tokens=0"]))
+
+
 def test_packed_attention_stays_float32_under_cpu_autocast():
     """CPU autocast would run SDPA in bfloat16 (a backward ~6x slower there): packed attention runs in float32
     instead, giving exactly the float32 result for every backend."""

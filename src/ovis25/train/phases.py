@@ -98,6 +98,14 @@ def param_groups(model: nn.Module, lrs: dict[str, float], weight_decay: float) -
 
 
 @torch.no_grad()
+def sharpen_visual_tokens(model: nn.Module, factor: float) -> None:
+    """Every visual token logit times `factor` (> 0): the head's LayerNorm weight and bias scaled alike."""
+    norm = model.visual_tokenizer.head[-1]
+    norm.weight.mul_(factor)
+    norm.bias.mul_(factor)
+
+
+@torch.no_grad()
 def reinit_vet(model: nn.Module, mean: float, std: float, seed: int) -> None:
     """P1 starts from a freshly drawn visual embedding table."""
     g = torch.Generator(device="cpu").manual_seed(seed)

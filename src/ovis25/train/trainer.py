@@ -34,7 +34,7 @@ from .data import DataError, PlannedSample, SampleBuilder, load_datainfo, plan_d
 from .packing import collate_packed, num_targets, pack_first_fit
 from .lora import apply_lora, lora_parameters, merge_lora_state
 from .precision import autocast, autocast_dtype, matmul_flops
-from .phases import PHASES, freeze_all, param_groups, reinit_vet, select_trainable
+from .phases import PHASES, freeze_all, param_groups, reinit_vet, select_trainable, sharpen_visual_tokens
 from .state import (latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state,
                     set_rng_state)
 from .vision_cache import FrozenVisionCache
@@ -278,6 +278,8 @@ def load_policy(cfg: TrainConfig) -> tuple[Processor, Ovis, dict[str, float]]:
     model.train()
     if cfg.reinit_vet if cfg.reinit_vet is not None else cfg.phase == "p1":
         reinit_vet(model, cfg.vet_init_mean, cfg.vet_init_std, cfg.seed)
+    if cfg.sharpen_visual_tokens != 1.0:
+        sharpen_visual_tokens(model, cfg.sharpen_visual_tokens)
     if cfg.lora_rank:  # adapters only, plus whatever train_modules names explicitly (e.g. the head and VET)
         apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, seed=cfg.seed)
         lrs = select_trainable(model, cfg.train_modules, cfg.lr) if cfg.train_modules else freeze_all(model)

@@ -128,6 +128,23 @@ def test_demo_pipeline_wiring(tmp_path):
         result = token_oracle.train_variant(run / "p1" / "final", "count", variant, steps=2, batch=2, test_n=3,
                                             evals=1, seed=0)
         assert 0 <= result["accuracy"] <= 1 and result["by_count"] and len(result["curve"]) == 2
+    # the attribute task asks about every object of a scene; right answers score 1, one answer for all scores
+    # the scenes as "one answer"; the scales sharpen the LLM's attention and the visual tokens
+    attribute = token_oracle.Attribute(echo=False)
+    items = attribute.test_items(random.Random(0), 4)
+    for item in items:
+        obj = item.objs[item.target]
+        assert item.answer == (obj.color if item.question == f"What color is the {obj.shape}?" else obj.shape)
+    right = attribute.score(items, [item.answer for item in items])
+    assert right["color_accuracy"] == right["shape_accuracy"] == 1 and right["color_same_answer"] == 0
+    assert attribute.score(items, ["red"] * len(items))["color_same_answer"] == 1
+    plain, scaled = (token_oracle.Oracle(run / "p1" / "final", "real", *scales) for scales in ((), (2.0, 3.0)))
+    torch.testing.assert_close(scaled.model.llm.model.layers[0].self_attn.q_norm.weight,
+                               2 * plain.model.llm.model.layers[0].self_attn.q_norm.weight)
+    torch.testing.assert_close(scaled.model.visual_tokenizer.head[1].bias, 3 * plain.model.visual_tokenizer.head[1].bias)
+    result = token_oracle.train_variant(run / "p1" / "final", "attribute", "real", steps=2, batch=2, test_n=2,
+                                        evals=1, seed=0, qk_scale=2.0, head_scale=2.0)
+    assert 0 <= result["color_accuracy"] <= 1 and len(result["curve"]) == 2
     # the command the demo ends with runs as printed, at the trained budget
     command = shlex.split(try_it(run).removeprefix("Try it:").split("   (answer")[0])
     assert command[:2] == ["ovis25", "chat"] and "--max-pixels" in command

@@ -55,6 +55,7 @@ from ovis25.processing import Processor  # noqa: E402
 from ovis25.synth import world  # noqa: E402
 from ovis25.synth.pretrain import VisionPretrainConfig  # noqa: E402
 from ovis25.synth.regions import CLASSES, COLUMN_WORDS, ROW_WORDS, token_labels, token_targets  # noqa: E402
+from ovis25.train.phases import sharpen_visual_tokens  # noqa: E402
 from ovis25.train.trainer import lr_lambda  # noqa: E402
 
 LR, HEAD_LR, MIN_LR_RATIO, WARMUP = 1e-3, 2e-4, 0.05, 0.03  # recipes/tiny/p2.toml
@@ -181,9 +182,7 @@ class Oracle:
         with torch.no_grad():
             for layer in self.model.llm.model.layers:  # every LLM attention logit times qk_scale
                 layer.self_attn.q_norm.weight.mul_(qk_scale)
-            head_norm = self.model.visual_tokenizer.head[1]  # every visual token logit times head_scale
-            head_norm.weight.mul_(head_scale)
-            head_norm.bias.mul_(head_scale)
+        sharpen_visual_tokens(self.model, head_scale)
         self.tokens = tokens
         self.position_weight = VisionPretrainConfig.position_weight
 
@@ -309,11 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     init = p1_checkpoint(args.run)
     out = args.out or f"{args.task}_oracle"
     results = {"task": args.task, "init": str(init), "steps": args.steps, "batch": args.batch,
-               "test": args.test, "qk_scale": args.qk_scale, "head_scale": args.head_scale, "threads": torch.get_num_threads(), "variants": {}}
+               "test": args.test, "qk_scale": args.qk_scale, "head_scale": args.head_scale,
+               "threads": torch.get_num_threads(), "variants": {}}
     for variant in variants:
         results["variants"][variant] = train_variant(init, args.task, variant, args.steps, args.batch, args.test,
-                                                     args.evals, args.seed, args.qk_scale,
-                                                     args.head_scale)
+                                                     args.evals, args.seed, args.qk_scale, args.head_scale)
     metrics = [k for k in results["variants"][variants[0]] if k not in ("curve", "step", "questions", "train_s")]
     lines = [f"\n{args.task}, {args.steps * args.batch} questions, from {init}:",
              f"| visual tokens | {' | '.join(metrics)} | train s |", "|---" * (len(metrics) + 2) + "|"]

@@ -536,10 +536,10 @@ def train_grpo(cfg: TrainConfig) -> Path:
                     loss, clipped, kl = grpo_token_loss(logp, row["old"], row["advantages"], opts.grpo_clip_eps,
                                                         row.get("ref"), opts.grpo_kl_coef)
                     scale = row["scales"]
-                    ((loss * scale).sum() * row["weight"] * world / normaliser).backward()
+                    weighted = (loss * scale).sum()
+                    (weighted * row["weight"] * world / normaliser).backward()
                 kl_sum = (kl * scale).sum() if kl is not None else torch.zeros(())
-                sums += row["weight"] * torch.stack([(loss * scale).sum(), (clipped * scale).sum(),
-                                                     kl_sum]).detach().double().cpu()
+                sums += row["weight"] * torch.stack([weighted, (clipped * scale).sum(), kl_sum]).detach().double().cpu()
             epoch_stats = torch.tensor(all_reduce_sums(sums.tolist(), device)) / normaliser
             grad_norm = apply_update(model, optimizer, scheduler, cfg, float(epoch_stats[0]),
                                      step * opts.grpo_epochs + epoch)

@@ -21,6 +21,7 @@ from ovis25.synth.world import SHAPES
 sys.path.insert(0, str(REPO / "benchmarks"))
 import attribute_lookup  # noqa: E402  (benchmarks/attribute_lookup.py)
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
+import text_lookup  # noqa: E402  (benchmarks/text_lookup.py)
 import token_oracle  # noqa: E402  (benchmarks/token_oracle.py)
 import weight_merge  # noqa: E402  (benchmarks/weight_merge.py)
 
@@ -95,6 +96,30 @@ def test_demo_pipeline_wiring(tmp_path):
             if parts:
                 assert sum(probe[mode][k] * probe["n"][k] for k in parts) / 3 == pytest.approx(probe[mode][task],
                                                                                               abs=2e-3)
+    # the text look-up benchmark: each answer is what the caption says of the named object (checked on the
+    # caption's words), no object is named twice, and a short run from P0 trains and is probed by kind
+    rng = random.Random(1)
+    for _ in range(20):
+        caption, turns = text_lookup.conversation(rng)
+        listed = caption.split(": ", 1)[1].split(", ")  # "a red circle at the top left", ...
+        assert len(turns) == len(listed) and len({q for q, _, _ in turns}) == len(turns)
+        for question, answer, kind in turns:
+            named = re.fullmatch(r"What color is the (\w+)\?|What shape is the (\w+) object\?|"
+                                 r"Which part of the image is the (\w+ \w+) in\?", question).groups()
+            match = [o for o in listed if (named[0] or named[1] or named[2]) in o.split(" at ")[0].split(" ", 1)[1]]
+            assert len(match) == 1, question
+            name, place = match[0].removeprefix("a ").split(" at the ")
+            assert answer == {"color": name.split()[0], "shape": name.split()[1], "place": place}[kind]
+    datainfo = text_lookup.write_dataset(tmp_path / "lookup", 6)
+    losses = text_lookup.train_chunk(run / "p0" / "final", tmp_path / "lookup_run", datainfo, 1, 3e-3,
+                                     ["max_steps=2", "max_tokens=256", "progress=false"])
+    items, kinds = text_lookup.probe_items(6)
+    probe = text_lookup.score(tmp_path / "lookup_run" / "final", items, kinds)
+    assert len(losses) == 2 and set(probe) == set(kinds) and all(0 <= v <= 1 for v in probe.values())
+    start = text_lookup.starting_point(run / "p0" / "final", tmp_path / "start", 3.0, 1e4)
+    assert json.loads((start / "config.json").read_text())["llm_config"]["rope_theta"] == 1e4
+    torch.testing.assert_close(Ovis.from_pretrained(start).llm.model.layers[0].self_attn.q_norm.weight,
+                               3 * Ovis.from_pretrained(run / "p0" / "final").llm.model.layers[0].self_attn.q_norm.weight)
     # P4 exports the midpoint between P3 and its trained weights: the weight-merge benchmark trains P4 again,
     # unmerged, and its half-way mix is the demo's P4
     start, trained = weight_merge.retrain(run, "p4", tmp_path / "p4_unmerged", 0,

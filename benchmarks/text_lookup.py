@@ -1,7 +1,7 @@
 """Can the demo's LLM learn to look up a named object, from text alone?
 
     python benchmarks/text_lookup.py [MODEL_DIR] [--conversations 4000] [--chunks 4] [--epochs 4] [--lr 3e-3]
-                                     [--qk-scale 1] [--rope-theta T] [--probe 300] [--out NAME]
+                                     [--fresh] [--qk-scale 1] [--rope-theta T] [--probe 300] [--out NAME]
 
 Grounding, spatial relations and "the colour of the named shape" all need the LLM to find the object a
 question names and read something off it. This asks whether the LLM can learn that where nothing else is in
@@ -10,7 +10,8 @@ about in turn, one turn each ("What color is the square?" -> blue, "What shape i
 triangle, "Which part of the image is the red circle in?" -> bottom left), every answer trained. Starting
 from MODEL_DIR (default `runs/demo/p0/final`, the demo's LLM after language pretraining; the demo's `init`
 starts from scratch), P0's recipe trains on these conversations alone in `--chunks` runs of `--epochs`
-epochs each (each run's schedule starts again), and after every chunk the LLM answers `--probe` held-out
+epochs each (each run's schedule starts again; with `--fresh` each chunk on conversations of its own, so none
+is seen in two chunks), and after every chunk the LLM answers `--probe` held-out
 first questions greedily (thinking off). `--qk-scale X` multiplies the LLM's attention logits by X before
 training (its query norms' weights), `--rope-theta T` sets its RoPE base (meaningful from scratch only).
 
@@ -131,27 +132,31 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--fresh", action="store_true", help="new conversations for every chunk")
     ap.add_argument("--qk-scale", type=float, default=1.0)
     ap.add_argument("--rope-theta", type=float)
     ap.add_argument("--probe", type=int, default=300)
     ap.add_argument("--out", default="text_lookup")
     args = ap.parse_args()
     work = ROOT / "runs" / "text_lookup" / args.out
-    datainfo = write_dataset(work / "data", args.conversations)
     items, kinds = probe_items(args.probe)
     model = starting_point(args.model_dir, work / "start", args.qk_scale, args.rope_theta)
     curve = [{"steps": 0, "mean_loss": None, **score(model, items, kinds)}]
     steps = 0
     for chunk in range(args.chunks):
+        seed = chunk if args.fresh else 0
+        datainfo = write_dataset(work / f"data{seed}", args.conversations, seed)
         losses = train_chunk(model, work / f"chunk{chunk + 1}", datainfo, args.epochs, args.lr)
         model, steps = work / f"chunk{chunk + 1}" / "final", steps + len(losses)
         tail = losses[-len(losses) // 4:]  # the last quarter of the chunk
         curve.append({"steps": steps, "mean_loss": round(sum(tail) / len(tail), 3), **score(model, items, kinds)})
-    print(f"\n{args.model_dir}, {args.conversations} conversations, qk x{args.qk_scale}, rope theta "
+    per_chunk = " per chunk" if args.fresh else ""
+    print(f"\n{args.model_dir}, {args.conversations} conversations{per_chunk}, qk x{args.qk_scale}, rope theta "
           f"{args.rope_theta or 'as is'}; accuracy on {args.probe} held-out first questions\n")
     print("| steps | loss (last quarter) | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))
     for row in curve:
-        print(f"| {row['steps']} | {row['mean_loss'] or '-'} | " + " | ".join(f"{row.get(k, 0):.2f}" for k in KINDS) + " |")
+        cells = " | ".join(f"{row.get(k, 0):.2f}" for k in KINDS)
+        print(f"| {row['steps']} | {row['mean_loss'] or '-'} | {cells} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"model_dir": str(args.model_dir), **{k: v for k, v in vars(args).items() if k != "model_dir"},
            "n_by_kind": {k: kinds.count(k) for k in KINDS}, "curve": curve}

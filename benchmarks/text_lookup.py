@@ -23,27 +23,29 @@ import argparse
 import json
 import random
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-from ovis25.chat import Chat
-from ovis25.eval import EvalItem, evaluate, is_hit
-from ovis25.synth.world import COLORS, SHAPES, place_name, scene, scene_caption
-from ovis25.train import load_recipe, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from token_oracle import Attribute, sharpen_attention  # noqa: E402
+
+from ovis25.chat import Chat  # noqa: E402
+from ovis25.eval import EvalItem, evaluate, is_hit  # noqa: E402
+from ovis25.model import Ovis  # noqa: E402
+from ovis25.processing import Processor  # noqa: E402
+from ovis25.synth.world import place_name, scene_caption  # noqa: E402
+from ovis25.train import load_recipe, train  # noqa: E402
 KINDS = ("color", "shape", "place")
 
 
 def conversation(rng: random.Random) -> tuple[str, list[tuple[str, str, str]]]:
     """A caption of 2-3 objects of distinct shapes and colours, and (question, answer, kind) for each object."""
-    k = rng.randint(2, 3)
-    image, objs = scene(rng, list(zip(rng.sample(SHAPES, k), rng.sample(list(COLORS), k))))
+    image, objs = Attribute.scene(rng)
     size = image.size
     listed, asked = objs[:], objs[:]
     rng.shuffle(listed)  # no order to lean on: the first object listed is not the one asked about
@@ -99,19 +101,13 @@ def starting_point(model_dir: Path, out: Path, qk_scale: float, rope_theta: floa
     """`model_dir` as is, or a copy with its attention logits scaled and/or its RoPE base changed."""
     if qk_scale == 1 and rope_theta is None:
         return model_dir
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(model_dir, out)
-    weights = load_file(out / "model.safetensors")
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        metadata = f.metadata()
-    for name in weights:
-        if name.endswith("q_norm.weight"):
-            weights[name] = weights[name] * qk_scale
-    save_file(weights, out / "model.safetensors", metadata=metadata)
+    model = Ovis.from_pretrained(model_dir)
+    sharpen_attention(model, qk_scale)
     if rope_theta is not None:
-        config = json.loads((out / "config.json").read_text())
-        config["llm_config"]["rope_theta"] = rope_theta
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        model.config.llm_config.rope_theta = rope_theta
+    generation = model_dir / "generation_config.json"
+    model.save_pretrained(out, processor=Processor.from_pretrained(model_dir),
+                          generation_config=json.loads(generation.read_text()) if generation.exists() else None)
     return out
 
 
@@ -144,8 +140,8 @@ def main() -> None:
     curve = [{"steps": 0, "mean_loss": None, **score(model, items, kinds)}]
     steps = 0
     for chunk in range(args.chunks):
-        seed = chunk if args.fresh else 0
-        datainfo = write_dataset(work / f"data{seed}", args.conversations, seed)
+        if chunk == 0 or args.fresh:  # otherwise every chunk trains on the first chunk's conversations
+            datainfo = write_dataset(work / f"data{chunk}", args.conversations, seed=chunk)
         losses = train_chunk(model, work / f"chunk{chunk + 1}", datainfo, args.epochs, args.lr)
         model, steps = work / f"chunk{chunk + 1}" / "final", steps + len(losses)
         tail = losses[-len(losses) // 4:]  # the last quarter of the chunk

@@ -174,14 +174,20 @@ class Attribute:
 TASKS = {"grounding": Grounding, "count": Count, "attribute": Attribute}
 
 
+@torch.no_grad()
+def sharpen_attention(model: Ovis, factor: float) -> None:
+    """Every LLM attention logit times `factor`: each layer's query-norm weight scaled (QK-norm caps the
+    logits at about sqrt(head_dim) otherwise)."""
+    for layer in model.llm.model.layers:
+        layer.self_attn.q_norm.weight.mul_(factor)
+
+
 class Oracle:
     """The model, its processor and how a question becomes embeddings with the variant's visual tokens."""
 
     def __init__(self, init: Path, tokens: str, qk_scale: float = 1.0, head_scale: float = 1.0):
         self.model, self.processor = Ovis.from_pretrained(init), Processor.from_pretrained(init)
-        with torch.no_grad():
-            for layer in self.model.llm.model.layers:  # every LLM attention logit times qk_scale
-                layer.self_attn.q_norm.weight.mul_(qk_scale)
+        sharpen_attention(self.model, qk_scale)
         sharpen_visual_tokens(self.model, head_scale)
         self.tokens = tokens
         self.position_weight = VisionPretrainConfig.position_weight

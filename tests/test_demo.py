@@ -118,8 +118,8 @@ def test_demo_pipeline_wiring(tmp_path):
     assert len(losses) == 2 and set(probe) == set(kinds) and all(0 <= v <= 1 for v in probe.values())
     start = text_lookup.starting_point(run / "p0" / "final", tmp_path / "start", 3.0, 1e4)
     assert json.loads((start / "config.json").read_text())["llm_config"]["rope_theta"] == 1e4
-    torch.testing.assert_close(Ovis.from_pretrained(start).llm.model.layers[0].self_attn.q_norm.weight,
-                               3 * Ovis.from_pretrained(run / "p0" / "final").llm.model.layers[0].self_attn.q_norm.weight)
+    q_norm = [Ovis.from_pretrained(d).llm.model.layers[0].self_attn.q_norm.weight for d in (start, run / "p0" / "final")]
+    torch.testing.assert_close(q_norm[0], 3 * q_norm[1])
     # P4 exports the midpoint between P3 and its trained weights: the weight-merge benchmark trains P4 again,
     # unmerged, and its half-way mix is the demo's P4
     start, trained = weight_merge.retrain(run, "p4", tmp_path / "p4_unmerged", 0,

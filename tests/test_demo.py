@@ -21,6 +21,7 @@ from ovis25.synth.world import SHAPES
 sys.path.insert(0, str(REPO / "benchmarks"))
 import attribute_lookup  # noqa: E402  (benchmarks/attribute_lookup.py)
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
+import recall  # noqa: E402  (benchmarks/recall.py)
 import text_lookup  # noqa: E402  (benchmarks/text_lookup.py)
 import token_oracle  # noqa: E402  (benchmarks/token_oracle.py)
 import weight_merge  # noqa: E402  (benchmarks/weight_merge.py)
@@ -180,6 +181,30 @@ def test_demo_pipeline_wiring(tmp_path):
     eval_p2 = json.loads((run / "eval.json").read_text())["p2"]["count"]
     assert sum(c["n"] for c in eval_p2["categories"].values()) == eval_p2["n"]
     assert "Accuracy by category" in report and re.search(r"\| count \| [1-5] to count \|", report)
+
+
+def test_recall_benchmark_sequences_and_training():
+    """benchmarks/recall.py: each target is the value paired with the repeated key earlier in the sequence, every
+    key is asked once, and a short run of a changed LLM shape trains (loss falls) and is scored."""
+    ids, targets = recall.sequences(50, 4, random.Random(0))
+    assert ids.shape == targets.shape == (50, 17)
+    for seq, target in zip(ids.tolist(), targets.tolist()):
+        pairs = dict(zip(seq[0:8:2], seq[1:8:2]))
+        assert len(pairs) == 4 and seq[8] == recall.SEPARATOR and all(k in recall.KEYS for k in pairs)
+        asked = seq[9::2]
+        assert sorted(asked) == sorted(pairs) and seq[10::2] == [pairs[k] for k in asked]
+        assert target[9::2] == [pairs[k] for k in asked] and set(target[:9] + target[10::2]) == {-100}
+    ids, targets = recall.sequences(5, 4, random.Random(0), queries=1)  # one key asked: no elimination to use
+    assert ids.shape == (5, 11) and [seq[10] for seq in ids.tolist()] == [dict(zip(seq[0:8:2], seq[1:8:2]))[seq[9]]
+                                                                        for seq in ids.tolist()]
+    assert (targets != -100).sum(1).tolist() == [1] * 5
+    model = recall.model_for(recall.parse_set(["hidden_size=64", "num_hidden_layers=2", "rope_theta=1e4"]), 0)
+    assert model.config.intermediate_size == 256 and model.config.rope_theta == 1e4
+    curve = recall.train(model, 2, 40, 16, 3e-3, 20, 0)
+    assert [row["steps"] for row in curve] == [20, 40] and curve[1]["loss"] < curve[0]["loss"]
+    assert all(row["accuracy"] == pytest.approx(sum(row["by_query"]) / 2, abs=1e-3) for row in curve)
+    with pytest.raises(SystemExit, match="hidden_sise"):
+        recall.parse_set(["hidden_sise=64"])
 
 
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):

@@ -1,0 +1,154 @@
+"""How fast does the demo's LLM learn associative recall, with nothing else to learn?
+
+    python benchmarks/recall.py [--pairs 3] [--queries Q] [--steps 3000] [--batch 64] [--lr 3e-3]
+                                [--every 250] [--set hidden_size=256 ...] [--seed 0] [--out NAME]
+
+The demo's look-up failures (text_lookup.py: "the colour of the named shape" from a caption) reduce to this: a
+sequence of `--pairs` key-value token pairs, then every key again in random order (or only `--queries` of
+them), each followed by its value, trained to predict the value at each repeated key (multi-query associative
+recall; keys and values are tokens of their own, 100 of each). The LLM is the demo's
+(`synth.model.tiny_config`: a 4 x 128 Qwen3, 4 heads / 2 kv) unless `--set` changes a Qwen3Config field,
+initialised as the demo initialises it, trained with P0's optimiser settings (AdamW, LR warmup 5% then cosine
+to a tenth, gradient clip 1). Every `--every` steps it is scored on 1024 held-out sequences, over all queries
+and by the order they are asked in: answering with one of the sequence's own values at random scores 1 / pairs,
+and with one not yet asked about (no look-up, only elimination) 1 / pairs for the first query, 1 / (pairs - 1)
+for the second, ..., 1 for the last.
+The reference-parity tests (tests/test_build.py) show our Qwen3 trains exactly as transformers' does (same
+loss and gradients, packed or not), so what this measures is the architecture at this size, not the code.
+
+Prints a table and writes benchmarks/results/NAME.json (NAME: recall unless --out says).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ovis25.model.llm import Qwen3ForCausalLM
+from ovis25.synth.model import init_weights, tiny_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KEYS, VALUES = range(10, 110), range(110, 210)  # token ids; the rest of the vocabulary is never used
+SEPARATOR = 1
+
+
+def sequences(n: int, pairs: int, rng: random.Random,
+              queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 2 * (pairs + queries) + 1) token ids and targets (-100 except at the repeated keys, where it is the
+    value); `queries` distinct keys are asked (default: all)."""
+    ids, targets = [], []
+    for _ in range(n):
+        keys = rng.sample(KEYS, pairs)
+        values = [rng.choice(VALUES) for _ in keys]
+        seq = [t for kv in zip(keys, values) for t in kv] + [SEPARATOR]
+        target = [-100] * len(seq)
+        for i in rng.sample(range(pairs), queries or pairs):
+            seq += [keys[i], values[i]]
+            target += [values[i], -100]
+        ids.append(seq)
+        targets.append(target)
+    return torch.tensor(ids), torch.tensor(targets)
+
+
+def model_for(overrides: dict[str, int | float], seed: int) -> Qwen3ForCausalLM:
+    config = dataclasses.replace(tiny_config(VALUES.stop).llm_config, **overrides)
+    if "hidden_size" in overrides and "intermediate_size" not in overrides:
+        config.intermediate_size = 4 * config.hidden_size
+    model = Qwen3ForCausalLM(config)
+    init_weights(model, seed=seed)
+    return model
+
+
+def logits_of(model: Qwen3ForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model.lm_head(model(model.model.embed_tokens(ids), positions))
+
+
+def accuracy(model: Qwen3ForCausalLM, ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[float]]:
+    """Held-out accuracy over all queries, and by query order (first key asked, second, ...)."""
+    with torch.no_grad():
+        predicted = logits_of(model, ids).argmax(-1)
+    asked = targets != -100
+    right = (predicted[asked] == targets[asked]).float().view(len(ids), -1)  # (n, pairs), in the order asked
+    return right.mean().item(), right.mean(0).tolist()
+
+
+def train(model: Qwen3ForCausalLM, pairs: int, steps: int, batch: int, lr: float, every: int, seed: int,
+          queries: int | None = None) -> list[dict]:
+    rng = random.Random(seed)
+    held_out = sequences(1024, pairs, random.Random(seed + 10_000), queries)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    warmup = max(1, round(0.05 * steps))
+    curve, losses, start = [], [], time.perf_counter()
+    for step in range(1, steps + 1):
+        decay = 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / max(1, steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, step / warmup) * (0.1 + 0.9 * decay)
+        ids, targets = sequences(batch, pairs, rng, queries)
+        loss = F.cross_entropy(logits_of(model, ids).flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % every == 0 or step == steps:
+            overall, by_query = accuracy(model, *held_out)
+            row = {"steps": step, "loss": round(sum(losses) / len(losses), 4), "accuracy": round(overall, 4),
+                   "by_query": [round(a, 3) for a in by_query], "seconds": round(time.perf_counter() - start)}
+            curve.append(row)
+            losses = []
+            print(f"| {row['steps']} | {row['loss']} | {row['accuracy']} | "
+                  + " | ".join(map(str, row["by_query"])) + f" | {row['seconds']} |", flush=True)
+    return curve
+
+
+def parse_set(items: list[str]) -> dict[str, int | float]:
+    fields = {f.name for f in dataclasses.fields(tiny_config(VALUES.stop).llm_config)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=NUMBER with FIELD a Qwen3Config field")
+        out[name] = float(value) if "." in value or "e" in value else int(value)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--queries", type=int, help="keys asked per sequence (default: all)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--set", nargs="*", default=[], help="Qwen3Config overrides, e.g. hidden_size=256")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="recall")
+    args = parser.parse_args()
+    if not 1 <= (args.queries or args.pairs) <= args.pairs:
+        raise SystemExit(f"--queries {args.queries}: must be between 1 and --pairs ({args.pairs})")
+    torch.manual_seed(args.seed)
+    overrides = parse_set(args.set)
+    model = model_for(overrides, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.pairs} pairs, batch {args.batch}, LR {args.lr}, LLM overrides {overrides or 'none'} "
+          f"({n_params / 1e6:.2f}M parameters); guessing among the values: {1 / args.pairs:.2f}\n")
+    asked = args.queries or args.pairs
+    queries = " | ".join(f"query {i + 1} (elimination {1 / (args.pairs - i):.2f})" for i in range(asked))
+    print(f"| steps | loss | held-out accuracy | {queries} | seconds |\n|---|---|---|" + "---|" * (asked + 1))
+    curve = train(model, args.pairs, args.steps, args.batch, args.lr, args.every, args.seed, args.queries)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"config": vars(args) | {"overrides": overrides, "parameters": n_params}, "curve": curve}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {RESULTS / (args.out + '.json')}")
+
+
+if __name__ == "__main__":
+    main()

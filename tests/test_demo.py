@@ -185,7 +185,8 @@ def test_demo_pipeline_wiring(tmp_path):
 
 def test_recall_benchmark_sequences_and_training():
     """benchmarks/recall.py: each target is the value paired with the repeated key earlier in the sequence, every
-    key is asked once, and a short run of a changed LLM shape trains (loss falls) and is scored."""
+    key is asked once, and a short run of a changed LLM shape trains (loss falls) and is scored; the QK-norm gains
+    take their own LR multiplier, and the no-QK-norm ablation trains."""
     ids, targets = recall.sequences(50, 4, random.Random(0))
     assert ids.shape == targets.shape == (50, 17)
     for seq, target in zip(ids.tolist(), targets.tolist()):
@@ -205,6 +206,18 @@ def test_recall_benchmark_sequences_and_training():
     assert all(row["accuracy"] == pytest.approx(sum(row["by_query"]) / 2, abs=1e-3) for row in curve)
     with pytest.raises(SystemExit, match="hidden_sise"):
         recall.parse_set(["hidden_sise=64"])
+
+    def gain_change(mult: float) -> float:  # how far 4 steps move the QK-norm gains
+        model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
+        recall.train(model, 2, 4, 8, 1e-3, 4, 0, qk_norm_lr_mult=mult)
+        gains = [p for n, p in model.named_parameters() if recall.is_qk_norm(n)]
+        return max((p - 1).abs().max().item() for p in gains)
+
+    assert gain_change(100.0) > 10 * gain_change(1.0) > 0
+    model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
+    recall.drop_qk_norm(model)
+    assert not any(recall.is_qk_norm(n) for n, _ in model.named_parameters())
+    assert recall.train(model, 2, 2, 8, 1e-3, 2, 0)[0]["loss"] > 0
 
 
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):

@@ -191,6 +191,13 @@ def test_per_module_learning_rates_official_syntax():
     assert (2e-5, 0.1) in by_lr and (2e-5, 0.0) in by_lr and (1e-3, 0.0) in by_lr and (1e-4, 0.1) in by_lr
     with pytest.raises(ValueError, match="does not name a module"):
         select_trainable(model, "llm.nope", 1e-4)
+    lrs = select_trainable(model, "llm|llm.model.layers.*.self_attn.q_norm:0.1", base_lr=1e-4)  # `*`: every layer
+    n_layers = len(model.llm.model.layers)
+    assert [n for n, lr in lrs.items() if lr == 0.1] == [f"llm.model.layers.{i}.self_attn.q_norm.weight"
+                                                       for i in range(n_layers)]
+    assert lrs["llm.model.layers.0.self_attn.k_norm.weight"] == 1e-4
+    with pytest.raises(ValueError, match="does not name a module"):
+        select_trainable(model, "vte.*", 1e-4)
 
 
 def _run_cmd(tmp: Path, datainfo: Path, out: Path, extra: list[str] = ()) -> list[str]:

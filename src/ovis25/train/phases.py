@@ -3,7 +3,8 @@
 Trainable modules use the official syntax: `llm:2e-5|visual_tokenizer|vte` — module paths separated by
 `|`, each with an optional `:lr` overriding the base learning rate. Paths are attribute paths into the
 model; negative list indices count from the end (`visual_tokenizer.vit.vision_model.encoder.layers.-1`
-is the last ViT block). `all` selects the whole model.
+is the last ViT block) and `*` stands for every entry of a list (`llm.model.layers.*.self_attn.q_norm:3e-2`:
+every LLM layer's query norm at its own rate). `all` selects the whole model.
 """
 from __future__ import annotations
 
@@ -23,19 +24,33 @@ PHASES = {
 }
 
 
-def resolve_module(model: nn.Module, path: str) -> nn.Module:
-    module = model
+def resolve_modules(model: nn.Module, path: str) -> list[nn.Module]:
+    """The modules a path names: one, or one per list entry where a part is `*`."""
+    modules = [model]
     for part in path.split("."):
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and part.lstrip("-").isdigit():
-            index = int(part)
-            if not -len(module) <= index < len(module):
-                raise ValueError(f"train_modules: index {index} out of range in {path!r}")
-            module = module[index]
-        elif hasattr(module, part) and isinstance(getattr(module, part), nn.Module):
-            module = getattr(module, part)
-        else:
-            raise ValueError(f"train_modules: {path!r} does not name a module of the model (failed at {part!r})")
-    return module
+        modules = [child for module in modules for child in _children(module, part, path)]
+    return modules
+
+
+def _children(module: nn.Module, part: str, path: str) -> list[nn.Module]:
+    is_list = isinstance(module, (nn.ModuleList, nn.Sequential))
+    if is_list and part == "*":
+        return list(module)
+    if is_list and part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(module) <= index < len(module):
+            raise ValueError(f"train_modules: index {index} out of range in {path!r}")
+        return [module[index]]
+    if hasattr(module, part) and isinstance(getattr(module, part), nn.Module):
+        return [getattr(module, part)]
+    raise ValueError(f"train_modules: {path!r} does not name a module of the model (failed at {part!r})")
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    modules = resolve_modules(model, path)
+    if len(modules) != 1:
+        raise ValueError(f"{path!r} names {len(modules)} modules; one is needed here")
+    return modules[0]
 
 
 def parse_train_modules(spec: str, base_lr: float) -> list[tuple[str, float]]:
@@ -72,8 +87,8 @@ def select_trainable(model: nn.Module, spec: str, base_lr: float) -> dict[str, f
     names = {id(p): n for n, p in model.named_parameters()}
     lrs = freeze_all(model)
     for path, lr in parse_train_modules(spec, base_lr):
-        module = model if path == "all" else resolve_module(model, path)
-        for p in module.parameters():
+        modules = [model] if path == "all" else resolve_modules(model, path)
+        for p in (p for module in modules for p in module.parameters()):
             p.requires_grad_(True)
             lrs[names[id(p)]] = lr  # later entries win, so `all|vte:1e-3` gives the VET its own rate
     # post_layernorm is stored in checkpoints but never used (no gradient): keep it out of the optimizer and DDP

@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ovis25.model.llm import Qwen3ForCausalLM
 from ovis25.synth.model import init_weights, tiny_config
+from ovis25.train.trainer import lr_lambda
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS, VALUES = range(10, 110), range(110, 210)  # token ids; the rest of the vocabulary is never used
@@ -98,21 +99,20 @@ def train(model: Qwen3ForCausalLM, pairs: int, steps: int, batch: int, lr: float
     rng = random.Random(seed)
     held_out = sequences(1024, pairs, random.Random(seed + 10_000), queries)
     named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if is_qk_norm(n) == qk], "lr_mult": mult}
+    groups = [{"params": [p for n, p in named if is_qk_norm(n) == qk], "lr": lr * mult}
               for qk, mult in ((False, 1.0), (True, qk_norm_lr_mult))]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    warmup = max(1, round(0.05 * steps))
+    schedule = partial(lr_lambda, total=steps, warmup=max(1, round(0.05 * steps)), min_ratio=0.1)  # P0's
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     curve, losses, start = [], [], time.perf_counter()
     for step in range(1, steps + 1):
-        decay = 0.5 * (1 + math.cos(math.pi * max(0, step - warmup) / max(1, steps - warmup)))
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr_mult"] * lr * min(1.0, step / warmup) * (0.1 + 0.9 * decay)
         ids, targets = sequences(batch, pairs, rng, queries)
         loss = F.cross_entropy(logits_of(model, ids).flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        scheduler.step()
         losses.append(loss.item())
         if step % every == 0 or step == steps:
             overall, by_query = accuracy(model, *held_out)

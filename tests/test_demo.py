@@ -218,6 +218,10 @@ def test_recall_benchmark_sequences_and_training():
     recall.drop_qk_norm(model)
     assert not any(recall.is_qk_norm(n) for n, _ in model.named_parameters())
     assert recall.train(model, 2, 2, 8, 1e-3, 2, 0)[0]["loss"] > 0
+    model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
+    curve = recall.train(model, 2, 4, 8, 1e-3, 1, 0, qk_norm_eps_start=1.0)  # annealed to the config's by step 3
+    assert [row["qk_norm_eps"] for row in curve] == pytest.approx([1.0, 1e-2, 1e-4, 1e-6])
+    assert model.model.layers[0].self_attn.k_norm.eps == model.config.rms_norm_eps
 
 
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):

@@ -24,7 +24,7 @@ from ovis25.train.packing import collate_packed, collate_padded, pack_first_fit
 from ovis25.train.phases import LAST_VIT_BLOCK, param_groups, select_trainable
 from ovis25.model.attention import varlen_attention
 from ovis25.train.precision import autocast_dtype
-from ovis25.train.trainer import forward_packed, pixel_budgets, plan_bins
+from ovis25.train.trainer import forward_packed, pixel_budgets, plan_bins, qk_norm_eps
 
 pytestmark = requires_fixtures
 TINY_BUDGET = ["single_image_min_pixels=1024", "single_image_max_pixels=4096", "multiple_image_min_pixels=1024",
@@ -442,6 +442,45 @@ def test_sharpen_visual_tokens_raises_the_softmax_temperature_in_the_saved_weigh
     with pytest.raises(ValueError, match="sharpen_visual_tokens must be > 0"):
         train(load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{tmp_path / "bad"}"',
                                  f'datainfo="{datainfo}"', "sharpen_visual_tokens=0"]))
+
+
+def test_qk_norm_eps_anneal_schedule():
+    assert qk_norm_eps(0, 80, 1.0, 1e-6, 0.75) == 1.0
+    assert qk_norm_eps(30, 80, 1.0, 1e-6, 0.75) == pytest.approx(1e-3)  # halfway, geometrically
+    assert qk_norm_eps(60, 80, 1.0, 1e-6, 0.75) == qk_norm_eps(79, 80, 1.0, 1e-6, 0.75) == pytest.approx(1e-6)
+
+
+def test_qk_norm_eps_anneal_trains_differently_resumes_exactly_and_exports_plain_qwen3(tmp_path):
+    """The epsilon follows the step, so a resumed run repeats the uninterrupted one; the export is the official
+    model (epsilon is not stored: it loads with the config's)."""
+    datainfo = make_dataset(tmp_path / "data")
+
+    def run(out: Path, *extra: str) -> Path:
+        return train(load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{out}"', f'datainfo="{datainfo}"',
+                                        "max_tokens=256", "epochs=2", "max_steps=4", "save_every=2", "keep_last=5",
+                                        "lr=1e-2",
+                                        "progress=false", *TINY_BUDGET, *extra]))
+
+    annealed = load_file(str(run(tmp_path / "anneal", "qk_norm_eps_start=1.0") / "model.safetensors"))
+    plain = load_file(str(run(tmp_path / "plain") / "model.safetensors"))
+    assert not torch.equal(annealed["llm.model.layers.0.self_attn.q_proj.weight"],
+                           plain["llm.model.layers.0.self_attn.q_proj.weight"])
+    shutil.rmtree(tmp_path / "anneal" / "final")
+    assert [p.name for p in (tmp_path / "anneal" / "checkpoints").iterdir()] == ["step-00000002"]
+    resumed = load_file(str(run(tmp_path / "anneal", "qk_norm_eps_start=1.0") / "model.safetensors"))
+    metrics = (tmp_path / "anneal" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4, 3, 4]  # resumed from step 2
+    for name, t in annealed.items():
+        assert torch.equal(t, resumed[name]), f"{name} differs after resume"
+    model = Ovis.from_pretrained(tmp_path / "anneal" / "final")
+    assert {m.eps for layer in model.llm.model.layers for m in (layer.self_attn.q_norm, layer.self_attn.k_norm)} \
+        == {model.config.llm_config.rms_norm_eps}
+    for bad, message in ((["qk_norm_eps_start=0"], "qk_norm_eps_start > 0"),
+                         (["qk_norm_eps_start=1.0", "qk_norm_anneal_ratio=0"], "0 < qk_norm_anneal_ratio <= 1"),
+                         (["qk_norm_eps_start=1.0", "compile=true"], "recompile every step"),
+                         (["qk_norm_eps_start=1.0", 'phase="dpo"'], "works in p1-p3")):
+        with pytest.raises(ValueError, match=message):
+            load_recipe(None, ["init=x", *bad]).validate()
 
 
 def test_packed_attention_stays_float32_under_cpu_autocast():

@@ -13,6 +13,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..model.llm import Attention
+
 LAST_VIT_BLOCK = "visual_tokenizer.vit.vision_model.encoder.layers.-1"
 
 # Phase presets (Ovis2.5 report, section 3): P1 trains only the last ViT block, the head and the VET.
@@ -118,6 +120,13 @@ def sharpen_visual_tokens(model: nn.Module, factor: float) -> None:
     norm = model.visual_tokenizer.head[-1]
     norm.weight.mul_(factor)
     norm.bias.mul_(factor)
+
+
+def set_qk_norm_eps(model: nn.Module, eps: float) -> None:
+    """Every LLM attention's query and key RMSNorm epsilon (training-time only; checkpoints do not store it)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.q_norm.eps = module.k_norm.eps = eps
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ from .data import DataError, PlannedSample, SampleBuilder, load_datainfo, plan_d
 from .packing import collate_packed, num_targets, pack_first_fit
 from .lora import apply_lora, lora_parameters, merge_lora_state
 from .precision import autocast, autocast_dtype, matmul_flops
-from .phases import PHASES, freeze_all, param_groups, reinit_vet, select_trainable, sharpen_visual_tokens
+from .phases import (PHASES, freeze_all, param_groups, reinit_vet, select_trainable, set_qk_norm_eps,
+                     sharpen_visual_tokens)
 from .state import (latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state,
                     set_rng_state)
 from .vision_cache import FrozenVisionCache
@@ -137,6 +138,12 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def qk_norm_eps(step: int, total: int, start: float, final: float, ratio: float) -> float:
+    """Geometric from `start` at step 0 to `final` at step ratio * total, then `final`."""
+    t = min(1.0, step / max(1, round(ratio * total)))
+    return start ** (1 - t) * final ** t
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -409,8 +416,12 @@ def train(cfg: TrainConfig) -> Path:
         log.info("%s: %d samples -> %d packed sequences; %d steps; %.1fM params (%.1fM trainable); %s",
                  cfg.phase, len(planned), len(bins), total_steps, n_params / 1e6, n_trainable / 1e6,
                  builder.skips.summary())
+    final_eps = getattr(model, "module", model).config.llm_config.rms_norm_eps
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
+        if cfg.qk_norm_eps_start is not None:
+            set_qk_norm_eps(model, qk_norm_eps(step, total_steps, cfg.qk_norm_eps_start, final_eps,
+                                               cfg.qk_norm_anneal_ratio))
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         record_skips(micro, skip_counts)
         micro = [b for b in micro if "input_ids" in b]
@@ -440,6 +451,7 @@ def train(cfg: TrainConfig) -> Path:
                                                        tok_s=f"{row['tokens_per_s']:.0f}",
                                                        pad=f"{row['padding_ratio']:.2f}", mfu=f"{row['mfu']:.1%}"))
         save_if_due(model, optimizer, scheduler, ckpt_root, step + 1, total_steps, skip_counts, cfg, rank, world)
+    set_qk_norm_eps(model, final_eps)
     return close_run(model, processor, cfg, out, rank, builder, skip_counts, total_steps, progress)
 
 

@@ -478,7 +478,7 @@ def test_qk_norm_eps_anneal_trains_differently_resumes_exactly_and_exports_plain
     for bad, message in ((["qk_norm_eps_start=0"], "qk_norm_eps_start > 0"),
                          (["qk_norm_eps_start=1.0", "qk_norm_anneal_ratio=0"], "0 < qk_norm_anneal_ratio <= 1"),
                          (["qk_norm_eps_start=1.0", "compile=true"], "recompile every step"),
-                         (["qk_norm_eps_start=1.0", 'phase="dpo"'], "works in p1-p3")):
+                         (["qk_norm_eps_start=1.0", 'phase="dpo"'], "works outside dpo/grpo")):
         with pytest.raises(ValueError, match=message):
             load_recipe(None, ["init=x", *bad]).validate()
 

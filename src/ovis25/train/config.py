@@ -55,7 +55,7 @@ class TrainConfig:
     sharpen_visual_tokens: float = 1.0
     # train the LLM's QK-norm with this epsilon first (> the config's: nearly linear, lengths free), annealed
     # geometrically to the config's rms_norm_eps over `qk_norm_anneal_ratio` of the steps; the exported model is
-    # the official architecture. Small Qwen3s learn look-ups from context this way (benchmarks/recall.py)
+    # the official architecture. A small Qwen3 learns key-value recall this way (benchmarks/recall.py)
     qk_norm_eps_start: float | None = None
     qk_norm_anneal_ratio: float = 0.75
     on_nan: str = "skip"                   # skip the step | stop the run
@@ -107,8 +107,9 @@ class TrainConfig:
                 raise ValueError("recipe: need qk_norm_eps_start > 0 and 0 < qk_norm_anneal_ratio <= 1, got "
                                  f"{self.qk_norm_eps_start} and {self.qk_norm_anneal_ratio}")
             if self.phase in ("dpo", "grpo") or self.compile:
-                raise ValueError("recipe: qk_norm_eps_start works in p1-p3 without compile (a compiled model "
-                                 f"would recompile every step); got phase {self.phase!r}, compile={self.compile}")
+                raise ValueError("recipe: qk_norm_eps_start works outside dpo/grpo and without compile (a compiled "
+                                 f"model would recompile every step); got phase {self.phase!r}, "
+                                 f"compile={self.compile}")
         if not self.sharpen_visual_tokens > 0:
             raise ValueError(f"recipe: sharpen_visual_tokens must be > 0, got {self.sharpen_visual_tokens}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_ratio < 1:

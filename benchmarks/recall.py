@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ovis25.model.llm import Qwen3ForCausalLM
 from ovis25.synth.model import init_weights, tiny_config
+from ovis25.train import TrainConfig
 from ovis25.train.phases import set_qk_norm_eps
 from ovis25.train.trainer import lr_lambda, qk_norm_eps
 
@@ -112,7 +113,8 @@ def train(model: Qwen3ForCausalLM, pairs: int, steps: int, batch: int, lr: float
     curve, losses, start = [], [], time.perf_counter()
     for step in range(1, steps + 1):
         if qk_norm_eps_start is not None:  # as the trainer's qk_norm_eps_start does
-            set_qk_norm_eps(model, qk_norm_eps(step - 1, steps, qk_norm_eps_start, model.config.rms_norm_eps, 0.75))
+            set_qk_norm_eps(model, qk_norm_eps(step - 1, steps, qk_norm_eps_start, model.config.rms_norm_eps,
+                                               TrainConfig.qk_norm_anneal_ratio))
         ids, targets = sequences(batch, pairs, rng, queries)
         loss = F.cross_entropy(logits_of(model, ids).flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)

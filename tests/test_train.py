@@ -458,8 +458,7 @@ def test_qk_norm_eps_anneal_trains_differently_resumes_exactly_and_exports_plain
     def run(out: Path, *extra: str) -> Path:
         return train(load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{out}"', f'datainfo="{datainfo}"',
                                         "max_tokens=256", "epochs=2", "max_steps=4", "save_every=2", "keep_last=5",
-                                        "lr=1e-2",
-                                        "progress=false", *TINY_BUDGET, *extra]))
+                                        "lr=1e-2", "progress=false", *TINY_BUDGET, *extra]))
 
     annealed = load_file(str(run(tmp_path / "anneal", "qk_norm_eps_start=1.0") / "model.safetensors"))
     plain = load_file(str(run(tmp_path / "plain") / "model.safetensors"))

@@ -451,7 +451,8 @@ def train(cfg: TrainConfig) -> Path:
                                                        tok_s=f"{row['tokens_per_s']:.0f}",
                                                        pad=f"{row['padding_ratio']:.2f}", mfu=f"{row['mfu']:.1%}"))
         save_if_due(model, optimizer, scheduler, ckpt_root, step + 1, total_steps, skip_counts, cfg, rank, world)
-    set_qk_norm_eps(model, final_eps)
+    if cfg.qk_norm_eps_start is not None:  # the anneal has ended by now unless the ratio is 1: export as configured
+        set_qk_norm_eps(model, final_eps)
     return close_run(model, processor, cfg, out, rank, builder, skip_counts, total_steps, progress)
 
 

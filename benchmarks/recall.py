@@ -2,7 +2,7 @@
 
     python benchmarks/recall.py [--pairs 3] [--queries Q] [--steps 3000] [--batch 64] [--lr 3e-3]
                                 [--qk-norm-lr-mult M | --qk-norm-eps-start E | --no-qk-norm] [--every 250]
-                                [--set hidden_size=256 ...] [--seed 0] [--out NAME]
+                                [--set hidden_size=256 ...] [--seed 0] [--out NAME] [--init DIR --save DIR]
 
 The demo's look-up failures (text_lookup.py: "the colour of the named shape" from a caption) reduce to this: a
 sequence of `--pairs` key-value token pairs, then every key again in random order (or only `--queries` of
@@ -18,6 +18,9 @@ for the second, ..., 1 for the last.
 length) at M times the LR; `--qk-norm-eps-start E` trains with QK-norm's epsilon annealed from E to the config's
 over 3/4 of the run (the trainer's `qk_norm_eps_start`: the model ends as plain Qwen3); `--no-qk-norm` removes
 QK-norm altogether, an ablation no Qwen3 checkpoint can hold.
+`--init DIR` trains the LLM of an Ovis checkpoint instead (the demo's `runs/demo/init`, or a later phase; keys and
+values are then token ids 10-209 of its tokenizer), and `--save DIR` writes the whole checkpoint with the trained
+LLM, so the look-up it learned can be carried into text (`text_lookup.py DIR`) or the curriculum.
 The reference-parity tests (tests/test_build.py) show our Qwen3 trains exactly as transformers' does (same
 loss and gradients, packed or not), so what this measures is the architecture at this size, not the code: as
 is, the LLM answers by elimination for 16000 steps; without QK-norm it learns the look-up in 2000, and with the
@@ -38,7 +41,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ovis25.model import Ovis
 from ovis25.model.llm import Qwen3ForCausalLM
+from ovis25.processing import Processor
 from ovis25.synth.model import init_weights, tiny_config
 from ovis25.train import TrainConfig
 from ovis25.train.phases import set_qk_norm_eps
@@ -162,12 +167,22 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="Qwen3Config overrides, e.g. hidden_size=256")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="recall")
+    parser.add_argument("--init", type=Path, help="train the LLM of this Ovis checkpoint")
+    parser.add_argument("--save", type=Path, help="write the checkpoint with the trained LLM here (needs --init)")
     args = parser.parse_args()
     if not 1 <= (args.queries or args.pairs) <= args.pairs:
         raise SystemExit(f"--queries {args.queries}: must be between 1 and --pairs ({args.pairs})")
+    if args.save and not args.init:
+        raise SystemExit("--save needs --init: only an Ovis checkpoint can be saved")
+    if args.init and (args.set or args.no_qk_norm):
+        raise SystemExit("--init trains the checkpoint's LLM as it is: --set and --no-qk-norm do not apply")
     torch.manual_seed(args.seed)
     overrides = parse_set(args.set)
-    model = model_for(overrides, args.seed)
+    ovis = Ovis.from_pretrained(args.init) if args.init else None
+    if ovis is not None and ovis.llm.config.vocab_size < VALUES.stop:
+        raise SystemExit(f"--init {args.init}: vocabulary of {ovis.llm.config.vocab_size} tokens, "
+                         f"recall needs ids up to {VALUES.stop - 1}")
+    model = ovis.llm if ovis is not None else model_for(overrides, args.seed)
     if args.no_qk_norm:
         drop_qk_norm(model)
     n_params = sum(p.numel() for p in model.parameters())
@@ -182,8 +197,13 @@ def main() -> None:
                   args.qk_norm_lr_mult, args.qk_norm_eps_start)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"config": vars(args) | {"overrides": overrides, "parameters": n_params}, "curve": curve}
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2, default=str))
     print(f"\nwrote {RESULTS / (args.out + '.json')}")
+    if args.save:
+        generation = args.init / "generation_config.json"
+        ovis.save_pretrained(args.save, processor=Processor.from_pretrained(args.init),
+                             generation_config=json.loads(generation.read_text()) if generation.exists() else None)
+        print(f"wrote {args.save}")
 
 
 if __name__ == "__main__":

@@ -224,6 +224,27 @@ def test_recall_benchmark_sequences_and_training():
     assert model.model.layers[0].self_attn.k_norm.eps == model.config.rms_norm_eps
 
 
+def test_recall_benchmark_trains_a_checkpoints_llm_and_saves_it(tmp_path, monkeypatch):
+    """recall.py --init DIR --save OUT: trains the checkpoint's own LLM and writes a loadable checkpoint in which
+    only the LLM changed; --save alone is refused."""
+    from conftest import model_dir
+
+    monkeypatch.setattr(recall, "RESULTS", tmp_path / "results")
+    out = tmp_path / "after_recall"
+    monkeypatch.setattr(sys, "argv", ["recall.py", "--init", str(model_dir()), "--save", str(out), "--steps", "4",
+                                      "--every", "2", "--batch", "4", "--lr", "1e-2", "--out", "r"])
+    recall.main()
+    assert [row["steps"] for row in json.loads((tmp_path / "results" / "r.json").read_text())["curve"]] == [2, 4]
+    before, after = Ovis.from_pretrained(model_dir()).state_dict(), Ovis.from_pretrained(out).state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("llm.") for name in changed)
+    tokenizers = [Processor.from_pretrained(d).tokenizer for d in (model_dir(), out)]
+    assert tokenizers[0].encode("a square") == tokenizers[1].encode("a square")
+    monkeypatch.setattr(sys, "argv", ["recall.py", "--save", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--save needs --init"):
+        recall.main()
+
+
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):
     from ovis25.demo import TEXT_NUMBERS, TEXT_THINK_PER_TASK, text_only_dataset
     from ovis25.synth import build_world

@@ -1,7 +1,7 @@
 """How fast does the demo's LLM learn associative recall, with nothing else to learn?
 
     python benchmarks/recall.py [--pairs 3] [--queries Q] [--steps 3000] [--batch 64] [--lr 3e-3]
-                                [--qk-norm-lr-mult M | --qk-norm-eps-start E | --no-qk-norm] [--every 250]
+                                [--qk-norm-lr-mult M | --qk-norm-phase-in A B | --no-qk-norm] [--every 250]
                                 [--set hidden_size=256 ...] [--seed 0] [--out NAME] [--init DIR --save DIR]
 
 The demo's look-up failures (text_lookup.py: "the colour of the named shape" from a caption) reduce to this: a
@@ -15,16 +15,17 @@ and by the order they are asked in: answering with one of the sequence's own val
 and with one not yet asked about (no look-up, only elimination) 1 / pairs for the first query, 1 / (pairs - 1)
 for the second, ..., 1 for the last.
 `--qk-norm-lr-mult M` trains the query/key-norm gains (Qwen3's QK-norm, which fixes every query's and key's
-length) at M times the LR; `--qk-norm-eps-start E` trains with QK-norm's epsilon annealed from E to the config's
-over 3/4 of the run (the trainer's `qk_norm_eps_start`: the model ends as plain Qwen3); `--no-qk-norm` removes
-QK-norm altogether, an ablation no Qwen3 checkpoint can hold.
+length) at M times the LR; `--qk-norm-phase-in A B` trains with QK-norm phased in (the trainer's
+`qk_norm_phase_in`: queries and keys keep their lengths until A of the run, then blend linearly into the
+normalised form, complete at B, so the model ends as plain Qwen3); `--no-qk-norm` removes QK-norm altogether, an
+ablation no Qwen3 checkpoint can hold.
 `--init DIR` trains the LLM of an Ovis checkpoint instead (the demo's `runs/demo/init`, or a later phase; keys and
 values are then token ids 10-209 of its tokenizer), and `--save DIR` writes the whole checkpoint with the trained
 LLM, so the look-up it learned can be carried into text (`text_lookup.py DIR`) or the curriculum.
 The reference-parity tests (tests/test_build.py) show our Qwen3 trains exactly as transformers' does (same
 loss and gradients, packed or not), so what this measures is the architecture at this size, not the code: as
-is, the LLM answers by elimination for 16000 steps; without QK-norm it learns the look-up in 2000, and with the
-epsilon annealed in about 2500 (DEMO.md).
+is, the LLM answers by elimination for 16000 steps; without QK-norm it learns the look-up in 2000-3000, and with
+QK-norm phased in over 0.4-0.75 of 4000 steps as well, ending as Qwen3 (DEMO.md).
 
 Prints a table and writes benchmarks/results/NAME.json (NAME: recall unless --out says).
 """
@@ -45,9 +46,8 @@ from ovis25.model import Ovis
 from ovis25.model.llm import Qwen3ForCausalLM
 from ovis25.processing import Processor
 from ovis25.synth.model import init_weights, tiny_config
-from ovis25.train import TrainConfig
-from ovis25.train.phases import set_qk_norm_eps
-from ovis25.train.trainer import lr_lambda, qk_norm_eps
+from ovis25.train.phases import QKNormPhaseIn
+from ovis25.train.trainer import lr_lambda, qk_norm_blend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS, VALUES = range(10, 110), range(110, 210)  # token ids; the rest of the vocabulary is never used
@@ -106,7 +106,7 @@ def is_qk_norm(name: str) -> bool:
 
 def train(model: Qwen3ForCausalLM, pairs: int, steps: int, batch: int, lr: float, every: int, seed: int,
           queries: int | None = None, qk_norm_lr_mult: float = 1.0,
-          qk_norm_eps_start: float | None = None) -> list[dict]:
+          qk_norm_phase_in: tuple[float, float] | None = None) -> list[dict]:
     rng = random.Random(seed)
     held_out = sequences(1024, pairs, random.Random(seed + 10_000), queries)
     named = list(model.named_parameters())
@@ -116,10 +116,10 @@ def train(model: Qwen3ForCausalLM, pairs: int, steps: int, batch: int, lr: float
     schedule = partial(lr_lambda, total=steps, warmup=max(1, round(0.05 * steps)), min_ratio=0.1)  # P0's
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     curve, losses, start = [], [], time.perf_counter()
+    phase_in = QKNormPhaseIn(model) if qk_norm_phase_in else None  # as the trainer's qk_norm_phase_in does
     for step in range(1, steps + 1):
-        if qk_norm_eps_start is not None:  # as the trainer's qk_norm_eps_start does
-            set_qk_norm_eps(model, qk_norm_eps(step - 1, steps, qk_norm_eps_start, model.config.rms_norm_eps,
-                                               TrainConfig.qk_norm_anneal_ratio))
+        if phase_in is not None:
+            phase_in.blend = qk_norm_blend(step - 1, steps, *qk_norm_phase_in)
         ids, targets = sequences(batch, pairs, rng, queries)
         loss = F.cross_entropy(logits_of(model, ids).flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -132,11 +132,13 @@ def train(model: Qwen3ForCausalLM, pairs: int, steps: int, batch: int, lr: float
             overall, by_query = accuracy(model, *held_out)
             row = {"steps": step, "loss": round(sum(losses) / len(losses), 4), "accuracy": round(overall, 4),
                    "by_query": [round(a, 3) for a in by_query], "seconds": round(time.perf_counter() - start),
-                   "qk_norm_eps": getattr(model.model.layers[0].self_attn.q_norm, "eps", None)}
+                   "qk_norm_blend": None if phase_in is None else phase_in.blend}
             curve.append(row)
             losses = []
             print(f"| {row['steps']} | {row['loss']} | {row['accuracy']} | "
                   + " | ".join(map(str, row["by_query"])) + f" | {row['seconds']} |", flush=True)
+    if phase_in is not None:  # the model goes back as plain Qwen3
+        phase_in.remove()
     return curve
 
 
@@ -160,8 +162,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     qk_norm = parser.add_mutually_exclusive_group()
     qk_norm.add_argument("--qk-norm-lr-mult", type=float, default=1.0, help="LR multiplier for the QK-norm gains")
-    qk_norm.add_argument("--qk-norm-eps-start", type=float,
-                         help="train QK-norm with this epsilon first, annealed to the config's by 3/4 of the run")
+    qk_norm.add_argument("--qk-norm-phase-in", type=float, nargs=2, metavar=("A", "B"),
+                         help="QK-norm off until fraction A of the run, blended in linearly, complete at B")
     qk_norm.add_argument("--no-qk-norm", action="store_true", help="ablation: attention without QK-norm")
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--set", nargs="*", default=[], help="Qwen3Config overrides, e.g. hidden_size=256")
@@ -186,15 +188,15 @@ def main() -> None:
     if args.no_qk_norm:
         drop_qk_norm(model)
     n_params = sum(p.numel() for p in model.parameters())
-    qk = ("no QK-norm" if args.no_qk_norm else f"QK-norm epsilon {args.qk_norm_eps_start:g} annealed"
-          if args.qk_norm_eps_start else f"QK-norm gains at {args.qk_norm_lr_mult:g} x LR")
+    qk = ("no QK-norm" if args.no_qk_norm else "QK-norm phased in over {:g}-{:g} of the run".format(
+        *args.qk_norm_phase_in) if args.qk_norm_phase_in else f"QK-norm gains at {args.qk_norm_lr_mult:g} x LR")
     print(f"{args.pairs} pairs, batch {args.batch}, LR {args.lr} ({qk}), LLM overrides {overrides or 'none'} "
           f"({n_params / 1e6:.2f}M parameters); guessing among the values: {1 / args.pairs:.2f}\n")
     asked = args.queries or args.pairs
     queries = " | ".join(f"query {i + 1} (elimination {1 / (args.pairs - i):.2f})" for i in range(asked))
     print(f"| steps | loss | held-out accuracy | {queries} | seconds |\n|---|---|---|" + "---|" * (asked + 1))
     curve = train(model, args.pairs, args.steps, args.batch, args.lr, args.every, args.seed, args.queries,
-                  args.qk_norm_lr_mult, args.qk_norm_eps_start)
+                  args.qk_norm_lr_mult, args.qk_norm_phase_in)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"config": vars(args) | {"overrides": overrides, "parameters": n_params}, "curve": curve}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2, default=str))

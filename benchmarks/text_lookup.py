@@ -1,7 +1,7 @@
 """Can the demo's LLM learn to look up a named object, from text alone?
 
     python benchmarks/text_lookup.py [MODEL_DIR] [--conversations 4000] [--chunks 4] [--epochs 4] [--lr 3e-3]
-                                     [--fresh] [--qk-scale 1] [--rope-theta T] [--qk-norm-eps-start E]
+                                     [--fresh] [--qk-scale 1] [--rope-theta T] [--qk-norm-phase-in A B]
                                      [--probe 300] [--out NAME]
 
 Grounding, spatial relations and "the colour of the named shape" all need the LLM to find the object a
@@ -15,8 +15,8 @@ epochs each (each run's schedule starts again; with `--fresh` each chunk on conv
 is seen in two chunks), and after every chunk the LLM answers `--probe` held-out
 first questions greedily (thinking off). `--qk-scale X` multiplies the LLM's attention logits by X before
 training (its query norms' weights), `--rope-theta T` sets its RoPE base (meaningful from scratch only),
-`--qk-norm-eps-start E` anneals the QK-norm epsilon from E during the first chunk as P0 now does (off by
-default, as when the results before it were measured).
+`--qk-norm-phase-in A B` phases QK-norm in during the first chunk (the trainer's `qk_norm_phase_in`: off
+until A of the chunk, complete at B; default: QK-norm throughout, as when the earlier results were measured).
 
 Prints a table and writes benchmarks/results/NAME.json (NAME: text_lookup unless --out says).
 """
@@ -115,14 +115,14 @@ def starting_point(model_dir: Path, out: Path, qk_scale: float, rope_theta: floa
 
 
 def train_chunk(init: Path, out: Path, datainfo: Path, epochs: int, lr: float, overrides: list[str] = (),
-                qk_norm_eps_start: float | None = None) -> list[float]:
-    """P0's recipe (its QK-norm epsilon annealed from `qk_norm_eps_start`, or not at all) on the look-up
+                qk_norm_phase_in: list[float] | None = None) -> list[float]:
+    """P0's recipe (with QK-norm phased in over `qk_norm_phase_in` of the run, or throughout) on the look-up
     conversations alone -> the losses per step (the model in out/final)."""
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_recipe(ROOT / "recipes" / "tiny" / "p0.toml", [
         f'init="{init}"', f'out_dir="{out}"', f'datainfo="{datainfo}"', "seed=0", 'datasets=["text_lookup"]',
         f"epochs={epochs}", f"lr={lr}", *overrides])
-    cfg.qk_norm_eps_start = qk_norm_eps_start
+    cfg.qk_norm_phase_in = qk_norm_phase_in
     train(cfg)
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -137,8 +137,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="new conversations for every chunk")
     ap.add_argument("--qk-scale", type=float, default=1.0)
     ap.add_argument("--rope-theta", type=float)
-    ap.add_argument("--qk-norm-eps-start", type=float,
-                    help="the first chunk anneals the QK-norm epsilon from this value, as P0 does (default: off)")
+    ap.add_argument("--qk-norm-phase-in", type=float, nargs=2, metavar=("A", "B"),
+                    help="the first chunk phases QK-norm in: off until fraction A, complete at B (default: on)")
     ap.add_argument("--probe", type=int, default=300)
     ap.add_argument("--out", default="text_lookup")
     args = ap.parse_args()
@@ -151,13 +151,13 @@ def main() -> None:
         if chunk == 0 or args.fresh:  # otherwise every chunk trains on the first chunk's conversations
             datainfo = write_dataset(work / f"data{chunk}", args.conversations, seed=chunk)
         losses = train_chunk(model, work / f"chunk{chunk + 1}", datainfo, args.epochs, args.lr,
-                             qk_norm_eps_start=args.qk_norm_eps_start if chunk == 0 else None)
+                             qk_norm_phase_in=args.qk_norm_phase_in if chunk == 0 else None)
         model, steps = work / f"chunk{chunk + 1}" / "final", steps + len(losses)
         tail = losses[-len(losses) // 4:]  # the last quarter of the chunk
         curve.append({"steps": steps, "mean_loss": round(sum(tail) / len(tail), 3), **score(model, items, kinds)})
     per_chunk = " per chunk" if args.fresh else ""
     print(f"\n{args.model_dir}, {args.conversations} conversations{per_chunk}, qk x{args.qk_scale}, rope theta "
-          f"{args.rope_theta or 'as is'}, QK-norm epsilon from {args.qk_norm_eps_start or 'the config'}; "
+          f"{args.rope_theta or 'as is'}, QK-norm phased in over {args.qk_norm_phase_in or 'none of the run'}; "
           f"accuracy on {args.probe} held-out first questions\n")
     print("| steps | loss (last quarter) | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))
     for row in curve:

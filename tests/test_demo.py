@@ -219,9 +219,9 @@ def test_recall_benchmark_sequences_and_training():
     assert not any(recall.is_qk_norm(n) for n, _ in model.named_parameters())
     assert recall.train(model, 2, 2, 8, 1e-3, 2, 0)[0]["loss"] > 0
     model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
-    curve = recall.train(model, 2, 4, 8, 1e-3, 1, 0, qk_norm_eps_start=1.0)  # annealed to the config's by step 3
-    assert [row["qk_norm_eps"] for row in curve] == pytest.approx([1.0, 1e-2, 1e-4, 1e-6])
-    assert model.model.layers[0].self_attn.k_norm.eps == model.config.rms_norm_eps
+    curve = recall.train(model, 2, 4, 8, 1e-3, 1, 0, qk_norm_phase_in=(0.25, 0.75))  # complete at step 3
+    assert [row["qk_norm_blend"] for row in curve] == [0.0, 0.0, 0.5, 1.0]
+    assert not model.model.layers[0].self_attn.k_norm._forward_hooks  # handed back as plain Qwen3
 
 
 def test_recall_benchmark_trains_a_checkpoints_llm_and_saves_it(tmp_path, monkeypatch):

@@ -17,14 +17,16 @@ from safetensors.torch import load_file
 
 from conftest import REPO, model_dirs, requires_fixtures
 from ovis25 import Ovis, Processor
+from ovis25.config import Qwen3Config
+from ovis25.model.llm import Qwen3ForCausalLM
 from ovis25.processing import PixelBudgets
 from ovis25.train import load_recipe, train
 from ovis25.train.data import DataError, SampleBuilder, load_datainfo, plan_datasets
 from ovis25.train.packing import collate_packed, collate_padded, pack_first_fit
-from ovis25.train.phases import LAST_VIT_BLOCK, param_groups, select_trainable
+from ovis25.train.phases import LAST_VIT_BLOCK, QKNormPhaseIn, param_groups, select_trainable
 from ovis25.model.attention import varlen_attention
 from ovis25.train.precision import autocast_dtype
-from ovis25.train.trainer import forward_packed, pixel_budgets, plan_bins, qk_norm_eps
+from ovis25.train.trainer import forward_packed, pixel_budgets, plan_bins, qk_norm_blend
 
 pytestmark = requires_fixtures
 TINY_BUDGET = ["single_image_min_pixels=1024", "single_image_max_pixels=4096", "multiple_image_min_pixels=1024",
@@ -444,15 +446,33 @@ def test_sharpen_visual_tokens_raises_the_softmax_temperature_in_the_saved_weigh
                                  f'datainfo="{datainfo}"', "sharpen_visual_tokens=0"]))
 
 
-def test_qk_norm_eps_anneal_schedule():
-    assert qk_norm_eps(0, 80, 1.0, 1e-6, 0.75) == 1.0
-    assert qk_norm_eps(30, 80, 1.0, 1e-6, 0.75) == pytest.approx(1e-3)  # halfway, geometrically
-    assert qk_norm_eps(60, 80, 1.0, 1e-6, 0.75) == qk_norm_eps(79, 80, 1.0, 1e-6, 0.75) == pytest.approx(1e-6)
+def test_qk_norm_phase_in_schedule_and_blend():
+    assert [qk_norm_blend(step, 80, 0.25, 0.75) for step in (0, 19, 20, 40, 59, 60, 79)] \
+        == pytest.approx([0, 0, 0, 0.5, 0.975, 1, 1])
+    assert [qk_norm_blend(step, 8, 0.5, 0.5) for step in (3, 4)] == [0, 1]  # a switch
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    norm = model.model.layers[0].self_attn.q_norm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    x = 3 * torch.randn(2, 5, 2, 16)
+    normalised = norm(x)
+    phase_in = QKNormPhaseIn(model)
+    assert len(phase_in.handles) == 2  # the layer's query and key norms
+    torch.testing.assert_close(norm(x), norm.weight * x)  # blend 0: lengths kept, gains applied
+    phase_in.blend = 0.25
+    torch.testing.assert_close(norm(x), 0.25 * normalised + 0.75 * norm.weight * x)
+    phase_in.blend = 1.0
+    torch.testing.assert_close(norm(x), normalised)
+    phase_in.blend = 0.0
+    phase_in.remove()
+    torch.testing.assert_close(norm(x), normalised)  # removed: Qwen3 as saved
 
 
-def test_qk_norm_eps_anneal_trains_differently_resumes_exactly_and_exports_plain_qwen3(tmp_path):
-    """The epsilon follows the step, so a resumed run repeats the uninterrupted one; the export is the official
-    model (epsilon is not stored: it loads with the config's)."""
+def test_qk_norm_phase_in_trains_differently_resumes_exactly_and_exports_plain_qwen3(tmp_path):
+    """The blend follows the step, so a resumed run repeats the uninterrupted one; the export is the official
+    model, which computes the normalised attention the run ended with."""
     datainfo = make_dataset(tmp_path / "data")
 
     def run(out: Path, *extra: str) -> Path:
@@ -460,24 +480,23 @@ def test_qk_norm_eps_anneal_trains_differently_resumes_exactly_and_exports_plain
                                         "max_tokens=256", "epochs=2", "max_steps=4", "save_every=2", "keep_last=5",
                                         "lr=1e-2", "progress=false", *TINY_BUDGET, *extra]))
 
-    annealed = load_file(str(run(tmp_path / "anneal", "qk_norm_eps_start=1.0") / "model.safetensors"))
+    phased = load_file(str(run(tmp_path / "phased", "qk_norm_phase_in=[0.25, 0.75]") / "model.safetensors"))
     plain = load_file(str(run(tmp_path / "plain") / "model.safetensors"))
-    assert not torch.equal(annealed["llm.model.layers.0.self_attn.q_proj.weight"],
+    assert not torch.equal(phased["llm.model.layers.0.self_attn.q_proj.weight"],
                            plain["llm.model.layers.0.self_attn.q_proj.weight"])
-    shutil.rmtree(tmp_path / "anneal" / "final")
-    assert [p.name for p in (tmp_path / "anneal" / "checkpoints").iterdir()] == ["step-00000002"]
-    resumed = load_file(str(run(tmp_path / "anneal", "qk_norm_eps_start=1.0") / "model.safetensors"))
-    metrics = (tmp_path / "anneal" / "metrics.jsonl").read_text().splitlines()
+    assert phased.keys() == plain.keys()
+    shutil.rmtree(tmp_path / "phased" / "final")
+    assert [p.name for p in (tmp_path / "phased" / "checkpoints").iterdir()] == ["step-00000002"]
+    resumed = load_file(str(run(tmp_path / "phased", "qk_norm_phase_in=[0.25, 0.75]") / "model.safetensors"))
+    metrics = (tmp_path / "phased" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4, 3, 4]  # resumed from step 2
-    for name, t in annealed.items():
+    for name, t in phased.items():
         assert torch.equal(t, resumed[name]), f"{name} differs after resume"
-    model = Ovis.from_pretrained(tmp_path / "anneal" / "final")
-    assert {m.eps for layer in model.llm.model.layers for m in (layer.self_attn.q_norm, layer.self_attn.k_norm)} \
-        == {model.config.llm_config.rms_norm_eps}
-    for bad, message in ((["qk_norm_eps_start=0"], "qk_norm_eps_start > 0"),
-                         (["qk_norm_eps_start=1.0", "qk_norm_anneal_ratio=0"], "0 < qk_norm_anneal_ratio <= 1"),
-                         (["qk_norm_eps_start=1.0", "compile=true"], "recompile every step"),
-                         (["qk_norm_eps_start=1.0", 'phase="dpo"'], "works outside dpo/grpo")):
+    for bad, message in ((["qk_norm_phase_in=[0.5]"], "must be \\[a, b\\]"),
+                         (["qk_norm_phase_in=[0.8, 0.5]"], "0 <= a <= b <= 1"),
+                         (["qk_norm_phase_in=[0, 1.5]"], "0 <= a <= b <= 1"),
+                         (["qk_norm_phase_in=[0.4, 0.75]", "compile=true"], "recompile every step"),
+                         (["qk_norm_phase_in=[0.4, 0.75]", 'phase="dpo"'], "works outside dpo/grpo")):
         with pytest.raises(ValueError, match=message):
             load_recipe(None, ["init=x", *bad]).validate()
 

@@ -53,11 +53,10 @@ class TrainConfig:
     # multiply the visual head's LayerNorm (so every visual token logit) by this at the start: a softmax
     # temperature of 1/x, sharper visual tokens; a plain change of weights, saved in the official format
     sharpen_visual_tokens: float = 1.0
-    # train the LLM's QK-norm with this epsilon first (> the config's: nearly linear, lengths free), annealed
-    # geometrically to the config's rms_norm_eps over `qk_norm_anneal_ratio` of the steps; the exported model is
-    # the official architecture. A small Qwen3 learns key-value recall this way (benchmarks/recall.py)
-    qk_norm_eps_start: float | None = None
-    qk_norm_anneal_ratio: float = 0.75
+    # phase the LLM's QK-norm in over the run, [a, b] as fractions of it: queries and keys keep their lengths
+    # (gains only) until a, then blend linearly into Qwen3's normalisation, complete from b on; the exported model
+    # is the official architecture. A small Qwen3 from scratch learns key-value recall this way (recall.py)
+    qk_norm_phase_in: list[float] | None = None
     on_nan: str = "skip"                   # skip the step | stop the run
     # LoRA (0 = off): adapters on the Linear layers under `lora_targets`; base weights stay frozen
     lora_rank: int = 0
@@ -102,12 +101,14 @@ class TrainConfig:
             raise ValueError(f"recipe: vision_cache_mb must be >= 0 (0: off), got {self.vision_cache_mb}")
         if not 0 <= self.merge_with_init < 1:
             raise ValueError(f"recipe: merge_with_init must be in [0, 1), got {self.merge_with_init}")
-        if self.qk_norm_eps_start is not None:
-            if not self.qk_norm_eps_start > 0 or not 0 < self.qk_norm_anneal_ratio <= 1:
-                raise ValueError("recipe: need qk_norm_eps_start > 0 and 0 < qk_norm_anneal_ratio <= 1, got "
-                                 f"{self.qk_norm_eps_start} and {self.qk_norm_anneal_ratio}")
+        if self.qk_norm_phase_in is not None:
+            phase_in = self.qk_norm_phase_in
+            if not (isinstance(phase_in, list) and len(phase_in) == 2
+                    and all(isinstance(x, (int, float)) for x in phase_in) and 0 <= phase_in[0] <= phase_in[1] <= 1):
+                raise ValueError("recipe: qk_norm_phase_in must be [a, b] with 0 <= a <= b <= 1 (fractions of the "
+                                 f"run), got {phase_in!r}")
             if self.phase in ("dpo", "grpo") or self.compile:
-                raise ValueError("recipe: qk_norm_eps_start works outside dpo/grpo and without compile (a compiled "
+                raise ValueError("recipe: qk_norm_phase_in works outside dpo/grpo and without compile (a compiled "
                                  f"model would recompile every step); got phase {self.phase!r}, "
                                  f"compile={self.compile}")
         if not self.sharpen_visual_tokens > 0:

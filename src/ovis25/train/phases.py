@@ -122,11 +122,24 @@ def sharpen_visual_tokens(model: nn.Module, factor: float) -> None:
     norm.bias.mul_(factor)
 
 
-def set_qk_norm_eps(model: nn.Module, eps: float) -> None:
-    """Every LLM attention's query and key RMSNorm epsilon (training-time only; checkpoints do not store it)."""
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.q_norm.eps = module.k_norm.eps = eps
+class QKNormPhaseIn:
+    """Phases the LLM's QK-norm in: while attached, each query and key is (1 - blend) * gain * x + blend *
+    RMSNorm(x) (with the gain), so below blend 1 their lengths are free and attention can sharpen as it must for
+    a look-up; at 1 (or once removed) it is Qwen3's. Forward hooks only: weights and checkpoints are untouched."""
+
+    def __init__(self, model: nn.Module):
+        self.blend = 0.0
+        self.handles = [norm.register_forward_hook(self._mix) for module in model.modules()
+                        if isinstance(module, Attention) for norm in (module.q_norm, module.k_norm)]
+
+    def _mix(self, norm: nn.Module, args: tuple[torch.Tensor], normalised: torch.Tensor) -> torch.Tensor:
+        if self.blend >= 1:
+            return normalised
+        return self.blend * normalised + (1 - self.blend) * norm.weight * args[0]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from .data import DataError, PlannedSample, SampleBuilder, load_datainfo, plan_d
 from .packing import collate_packed, num_targets, pack_first_fit
 from .lora import apply_lora, lora_parameters, merge_lora_state
 from .precision import autocast, autocast_dtype, matmul_flops
-from .phases import (PHASES, freeze_all, param_groups, reinit_vet, select_trainable, set_qk_norm_eps,
+from .phases import (PHASES, QKNormPhaseIn, freeze_all, param_groups, reinit_vet, select_trainable,
                      sharpen_visual_tokens)
 from .state import (latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state,
                     set_rng_state)
@@ -140,10 +140,12 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def qk_norm_eps(step: int, total: int, start: float, final: float, ratio: float) -> float:
-    """Geometric from `start` at step 0 to `final` at step ratio * total, then `final`."""
-    t = min(1.0, step / max(1, round(ratio * total)))
-    return start ** (1 - t) * final ** t
+def qk_norm_blend(step: int, total: int, start: float, end: float) -> float:
+    """0 before step start * total, rising linearly to 1 at step end * total, then 1."""
+    first, last = round(start * total), round(end * total)
+    if step >= last:
+        return 1.0
+    return 0.0 if step < first else (step - first) / (last - first)
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -416,12 +418,11 @@ def train(cfg: TrainConfig) -> Path:
         log.info("%s: %d samples -> %d packed sequences; %d steps; %.1fM params (%.1fM trainable); %s",
                  cfg.phase, len(planned), len(bins), total_steps, n_params / 1e6, n_trainable / 1e6,
                  builder.skips.summary())
-    final_eps = getattr(model, "module", model).config.llm_config.rms_norm_eps
+    phase_in = QKNormPhaseIn(model) if cfg.qk_norm_phase_in is not None else None
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        if cfg.qk_norm_eps_start is not None:
-            set_qk_norm_eps(model, qk_norm_eps(step, total_steps, cfg.qk_norm_eps_start, final_eps,
-                                               cfg.qk_norm_anneal_ratio))
+        if phase_in is not None:
+            phase_in.blend = qk_norm_blend(step, total_steps, *cfg.qk_norm_phase_in)
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         record_skips(micro, skip_counts)
         micro = [b for b in micro if "input_ids" in b]
@@ -451,8 +452,8 @@ def train(cfg: TrainConfig) -> Path:
                                                        tok_s=f"{row['tokens_per_s']:.0f}",
                                                        pad=f"{row['padding_ratio']:.2f}", mfu=f"{row['mfu']:.1%}"))
         save_if_due(model, optimizer, scheduler, ckpt_root, step + 1, total_steps, skip_counts, cfg, rank, world)
-    if cfg.qk_norm_eps_start is not None:  # the anneal has ended by now unless the ratio is 1: export as configured
-        set_qk_norm_eps(model, final_eps)
+    if phase_in is not None:  # export Qwen3 as it is saved
+        phase_in.remove()
     return close_run(model, processor, cfg, out, rank, builder, skip_counts, total_steps, progress)
 
 

@@ -1,7 +1,9 @@
 """How fast does the demo's LLM learn associative recall, with nothing else to learn?
 
-    python benchmarks/recall.py [--pairs 3] [--queries Q] [--steps 3000] [--batch 64] [--lr 3e-3]
-                                [--qk-norm-lr-mult M | --qk-norm-phase-in A B | --no-qk-norm] [--every 250]
+    python benchmarks/recall.py [--pairs 3] [--queries Q] [--gap G [--direct-share F]]
+                                [--value-first | --joint | --conjunction] [--steps 3000] [--batch 64]
+                                [--lr 3e-3] [--every 250]
+                                [--qk-norm-lr-mult M | --qk-norm-phase-in A B | --no-qk-norm]
                                 [--set hidden_size=256 ...] [--seed 0] [--out NAME] [--init DIR --save DIR]
 
 The demo's look-up failures (text_lookup.py: "the colour of the named shape" from a caption) reduce to this: a
@@ -13,7 +15,16 @@ initialised as the demo initialises it, trained with P0's optimiser settings (Ad
 to a tenth, gradient clip 1). Every `--every` steps it is scored on 1024 held-out sequences, over all queries
 and by the order they are asked in: answering with one of the sequence's own values at random scores 1 / pairs,
 and with one not yet asked about (no look-up, only elimination) 1 / pairs for the first query, 1 / (pairs - 1)
-for the second, ..., 1 for the last.
+for the second, ..., 1 for the last. Two steps towards text: `--gap G` puts G fixed filler tokens between each
+repeated key and its value (the value is due at the last), as a chat template's end of turn and start of the
+answer stand between the named object and the answer; `--value-first` writes every pair value before key, as
+a caption puts the colour before the shape it names. `--direct-share F` gives a share F of the training
+batches no gap (the held-out sequences keep G), so the look-up can be learned where the answer follows the key.
+`--joint` gives each pair a single position, the mean of the key's and the value's embeddings, as a visual
+token holds what it shows and where (grounding's look-up: match the named object, read its place).
+`--conjunction` makes each key two tokens at that position, a "colour" and a "shape" shared with other keys
+(two colours and two shapes make every key of a sequence), and the query names both, as "the red triangle"
+among a red square and a blue triangle.
 `--qk-norm-lr-mult M` trains the query/key-norm gains (Qwen3's QK-norm, which fixes every query's and key's
 length) at M times the LR; `--qk-norm-phase-in A B` trains with QK-norm phased in (the trainer's
 `qk_norm_phase_in`: queries and keys keep their lengths until A of the run, then blend linearly into the
@@ -36,6 +47,7 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -51,25 +63,44 @@ from ovis25.train.trainer import lr_lambda, qk_norm_blend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS, VALUES = range(10, 110), range(110, 210)  # token ids; the rest of the vocabulary is never used
+COLOUR_KEYS, SHAPE_KEYS = range(10, 20), range(20, 30)  # the two halves of a key with --conjunction
 SEPARATOR = 1
+FILLERS = range(2, 10)  # a fixed run of tokens between a query and its answer, as a chat template's turn end
 
 
-def sequences(n: int, pairs: int, rng: random.Random,
-              queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 2 * (pairs + queries) + 1) token ids and targets (-100 except at the repeated keys, where it is the
-    value); `queries` distinct keys are asked (default: all)."""
+def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None, gap: int = 0,
+              value_first: bool = False, joint: bool = False,
+              conjunction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 2 * pairs + 1 + (gap + 2) * queries) token ids and targets (-100 except where the value is due: at
+    the repeated key, or at the last of the `gap` filler tokens after it); `queries` distinct keys are asked
+    (default: all). `value_first` writes each pair value before key, as a caption puts a colour before its
+    shape. `joint` gives each pair one position whose embedding is the mean of the key's and the value's, as
+    a visual token mixes the visual words of what it shows: ids are then (n, pairs + 1 + (gap + 2) * queries, 2),
+    the two tokens averaged at each position (the same one twice outside the pairs). `conjunction` (joint, at
+    most 4 pairs) makes each key two tokens, a "colour" and a "shape", drawn from two of each so that every key
+    shares one of them with another: ids (n, pairs + 1 + (gap + 3) * queries, 3), a query naming both."""
     ids, targets = [], []
     for _ in range(n):
-        keys = rng.sample(KEYS, pairs)
+        if conjunction:
+            colours, shapes = rng.sample(COLOUR_KEYS, 2), rng.sample(SHAPE_KEYS, 2)
+            keys = rng.sample([(c, s) for c in colours for s in shapes], pairs)
+        else:
+            keys = [(k,) for k in rng.sample(KEYS, pairs)]
         values = [rng.choice(VALUES) for _ in keys]
-        seq = [t for kv in zip(keys, values) for t in kv] + [SEPARATOR]
+        width = len(keys[0]) + 1
+        if joint or conjunction:
+            seq = [(*k, v) for k, v in zip(keys, values)]
+        else:
+            seq = [(t, t) for (k,), v in zip(keys, values) for t in ((v, k) if value_first else (k, v))]
+        seq.append((SEPARATOR,) * width)
         target = [-100] * len(seq)
         for i in rng.sample(range(pairs), queries or pairs):
-            seq += [keys[i], values[i]]
-            target += [values[i], -100]
+            seq += [(t,) * width for t in (*keys[i], *FILLERS[:gap], values[i])]
+            target += [-100] * (len(keys[i]) - 1 + gap) + [values[i], -100]
         ids.append(seq)
         targets.append(target)
-    return torch.tensor(ids), torch.tensor(targets)
+    ids = torch.tensor(ids)
+    return (ids if joint or conjunction else ids[..., 0]), torch.tensor(targets)
 
 
 def model_for(overrides: dict[str, int | float], seed: int) -> Qwen3ForCausalLM:
@@ -82,8 +113,12 @@ def model_for(overrides: dict[str, int | float], seed: int) -> Qwen3ForCausalLM:
 
 
 def logits_of(model: Qwen3ForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    return model.lm_head(model(model.model.embed_tokens(ids), positions))
+    """ids (n, L), or (n, L, k) with k tokens averaged at each position."""
+    embeds = model.model.embed_tokens(ids)
+    if ids.dim() == 3:
+        embeds = embeds.mean(2)
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[:2])
+    return model.lm_head(model(embeds, positions))
 
 
 def accuracy(model: Qwen3ForCausalLM, ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[float]]:
@@ -104,11 +139,21 @@ def is_qk_norm(name: str) -> bool:
     return name.endswith(("q_norm.weight", "k_norm.weight"))
 
 
-def train(model: Qwen3ForCausalLM, pairs: int, steps: int, batch: int, lr: float, every: int, seed: int,
-          queries: int | None = None, qk_norm_lr_mult: float = 1.0,
-          qk_norm_phase_in: tuple[float, float] | None = None) -> list[dict]:
+Task = Callable[[int, random.Random], tuple[torch.Tensor, torch.Tensor]]  # (n, rng) -> ids, targets
+
+
+def mixture(task: Task, easy: Task, share: float) -> Task:
+    """`easy` for a share of the batches, `task` for the rest (each batch drawn with its own rng)."""
+    return lambda n, rng: (easy if rng.random() < share else task)(n, rng)
+
+
+def train(model: Qwen3ForCausalLM, task: Task, steps: int, batch: int, lr: float, every: int, seed: int,
+          qk_norm_lr_mult: float = 1.0, qk_norm_phase_in: tuple[float, float] | None = None,
+          held_out: Task | None = None) -> list[dict]:
+    """Trains on fresh batches of `task` (e.g. `partial(sequences, pairs=3)`), scoring 1024 held-out sequences
+    of `held_out` (default: the same task)."""
     rng = random.Random(seed)
-    held_out = sequences(1024, pairs, random.Random(seed + 10_000), queries)
+    held_out = (held_out or task)(1024, random.Random(seed + 10_000))
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if is_qk_norm(n) == qk], "lr": lr * mult}
               for qk, mult in ((False, 1.0), (True, qk_norm_lr_mult))]
@@ -120,7 +165,7 @@ def train(model: Qwen3ForCausalLM, pairs: int, steps: int, batch: int, lr: float
     for step in range(1, steps + 1):
         if phase_in is not None:
             phase_in.blend = qk_norm_blend(step - 1, steps, *qk_norm_phase_in)
-        ids, targets = sequences(batch, pairs, rng, queries)
+        ids, targets = task(batch, rng)
         loss = F.cross_entropy(logits_of(model, ids).flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,6 +202,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--queries", type=int, help="keys asked per sequence (default: all)")
+    parser.add_argument("--gap", type=int, default=0, help=f"filler tokens between a query and its answer "
+                                                           f"(at most {len(FILLERS)})")
+    parser.add_argument("--value-first", action="store_true", help="pairs written value before key")
+    parser.add_argument("--joint", action="store_true", help="each pair one position: key and value averaged")
+    parser.add_argument("--conjunction", action="store_true",
+                        help="keys of two tokens, each shared with another key; joint positions")
+    parser.add_argument("--direct-share", type=float, default=0.0,
+                        help="share of the training batches with no gap (held-out ones keep --gap)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -174,6 +227,14 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= (args.queries or args.pairs) <= args.pairs:
         raise SystemExit(f"--queries {args.queries}: must be between 1 and --pairs ({args.pairs})")
+    if not 0 <= args.gap <= len(FILLERS):
+        raise SystemExit(f"--gap {args.gap}: must be between 0 and {len(FILLERS)}")
+    if (args.joint or args.conjunction) and args.value_first:
+        raise SystemExit("--joint and --conjunction put key and value at one position: --value-first does not apply")
+    if args.conjunction and args.pairs > 4:
+        raise SystemExit(f"--conjunction --pairs {args.pairs}: at most 4 keys of two colours and two shapes")
+    if not 0 <= args.direct_share < 1:
+        raise SystemExit(f"--direct-share {args.direct_share}: must be in [0, 1)")
     if args.save and not args.init:
         raise SystemExit("--save needs --init: only an Ovis checkpoint can be saved")
     if args.init and (args.set or args.no_qk_norm):
@@ -195,8 +256,11 @@ def main() -> None:
     asked = args.queries or args.pairs
     queries = " | ".join(f"query {i + 1} (elimination {1 / (args.pairs - i):.2f})" for i in range(asked))
     print(f"| steps | loss | held-out accuracy | {queries} | seconds |\n|---|---|---|" + "---|" * (asked + 1))
-    curve = train(model, args.pairs, args.steps, args.batch, args.lr, args.every, args.seed, args.queries,
-                  args.qk_norm_lr_mult, args.qk_norm_phase_in)
+    task = partial(sequences, pairs=args.pairs, queries=args.queries, gap=args.gap, value_first=args.value_first,
+                   joint=args.joint, conjunction=args.conjunction)
+    training = mixture(task, partial(task, gap=0), args.direct_share) if args.direct_share else task
+    curve = train(model, training, args.steps, args.batch, args.lr, args.every, args.seed, args.qk_norm_lr_mult,
+                  args.qk_norm_phase_in, held_out=task)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"config": vars(args) | {"overrides": overrides, "parameters": n_params}, "curve": curve}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2, default=str))

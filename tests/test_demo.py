@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -187,7 +188,7 @@ def test_recall_benchmark_sequences_and_training():
     """benchmarks/recall.py: each target is the value paired with the repeated key earlier in the sequence, every
     key is asked once, and a short run of a changed LLM shape trains (loss falls) and is scored; the QK-norm gains
     take their own LR multiplier, and the no-QK-norm ablation trains."""
-    ids, targets = recall.sequences(50, 4, random.Random(0))
+    ids, targets = recall.sequences(50, random.Random(0), 4)
     assert ids.shape == targets.shape == (50, 17)
     for seq, target in zip(ids.tolist(), targets.tolist()):
         pairs = dict(zip(seq[0:8:2], seq[1:8:2]))
@@ -195,13 +196,50 @@ def test_recall_benchmark_sequences_and_training():
         asked = seq[9::2]
         assert sorted(asked) == sorted(pairs) and seq[10::2] == [pairs[k] for k in asked]
         assert target[9::2] == [pairs[k] for k in asked] and set(target[:9] + target[10::2]) == {-100}
-    ids, targets = recall.sequences(5, 4, random.Random(0), queries=1)  # one key asked: no elimination to use
+    ids, targets = recall.sequences(5, random.Random(0), 4, queries=1)  # one key asked: no elimination to use
     assert ids.shape == (5, 11) and [seq[10] for seq in ids.tolist()] == [dict(zip(seq[0:8:2], seq[1:8:2]))[seq[9]]
                                                                         for seq in ids.tolist()]
     assert (targets != -100).sum(1).tolist() == [1] * 5
+    # value first, and three fillers between each query and the answer, which is due at the last filler
+    ids, targets = recall.sequences(20, random.Random(0), 3, gap=3, value_first=True)
+    assert ids.shape == targets.shape == (20, 7 + 3 * 5)
+    for seq, target in zip(ids.tolist(), targets.tolist()):
+        pairs = dict(zip(seq[1:6:2], seq[0:6:2]))  # key -> value, the value written first
+        assert all(k in recall.KEYS and v in recall.VALUES for k, v in pairs.items())
+        for query in range(3):
+            key, *fillers, value = seq[7 + 5 * query: 12 + 5 * query]
+            assert fillers == list(recall.FILLERS[:3]) and value == pairs[key]
+            due = target[7 + 5 * query: 12 + 5 * query]
+            assert due == [-100, -100, -100, value, -100]
+    ids, targets = recall.sequences(10, random.Random(0), 3, gap=2, joint=True)  # one position per pair
+    assert ids.shape == (10, 4 + 3 * 4, 2) and targets.shape == (10, 16)
+    for seq, target in zip(ids.tolist(), targets.tolist()):
+        pairs = dict(seq[:3])
+        assert all(k in recall.KEYS and v in recall.VALUES for k, v in pairs.items())
+        assert all(a == b for a, b in seq[3:]) and [i for i, t in enumerate(target) if t != -100] == [6, 10, 14]
+        assert [pairs[k] for k, _ in seq[4::4]] == target[6::4]
+    ids, targets = recall.sequences(10, random.Random(0), 3, gap=2, conjunction=True)  # two-token keys
+    assert ids.shape == targets.shape + (3,) == (10, 4 + 3 * 5, 3)
+    for seq, target in zip(ids.tolist(), targets.tolist()):
+        pairs = {(c, s): v for c, s, v in seq[:3]}
+        assert all(c in recall.COLOUR_KEYS and s in recall.SHAPE_KEYS for c, s in pairs)
+        assert len(pairs) == 3 and all(any(sum(a == b for a, b in zip(key, other)) == 1 for other in pairs)
+                                       for key in pairs)  # each key shares its colour or shape with another
+        blocks = [[t for t, _, _ in seq[4 + 5 * q: 9 + 5 * q]] for q in range(3)]
+        assert [pairs[tuple(b[:2])] for b in blocks] == [b[4] for b in blocks] == target[7::5]
+    model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
+    embeds = model.model.embed_tokens.weight
+    with torch.no_grad():  # a joint position is the mean of its two embeddings; a doubled token is itself
+        mean = model.lm_head(model((embeds[11] + embeds[111])[None, None] / 2, torch.zeros(1, 1, dtype=torch.long)))
+        assert torch.allclose(recall.logits_of(model, torch.tensor([[[11, 111]]])), mean, atol=1e-6)
+        assert torch.allclose(recall.logits_of(model, torch.tensor([[[11, 11]]])),
+                              recall.logits_of(model, torch.tensor([[11]])), atol=1e-6)
+    gapped = partial(recall.sequences, pairs=3, gap=3)
+    mixed, rng = recall.mixture(gapped, partial(gapped, gap=0), 0.5), random.Random(0)
+    assert {mixed(2, rng)[0].shape[1] for _ in range(20)} == {7 + 3 * 2, 7 + 3 * 5}  # whole batches of each
     model = recall.model_for(recall.parse_set(["hidden_size=64", "num_hidden_layers=2", "rope_theta=1e4"]), 0)
     assert model.config.intermediate_size == 256 and model.config.rope_theta == 1e4
-    curve = recall.train(model, 2, 40, 16, 3e-3, 20, 0)
+    curve = recall.train(model, partial(recall.sequences, pairs=2), 40, 16, 3e-3, 20, 0)
     assert [row["steps"] for row in curve] == [20, 40] and curve[1]["loss"] < curve[0]["loss"]
     assert all(row["accuracy"] == pytest.approx(sum(row["by_query"]) / 2, abs=1e-3) for row in curve)
     with pytest.raises(SystemExit, match="hidden_sise"):
@@ -209,7 +247,7 @@ def test_recall_benchmark_sequences_and_training():
 
     def gain_change(mult: float) -> float:  # how far 4 steps move the QK-norm gains
         model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
-        recall.train(model, 2, 4, 8, 1e-3, 4, 0, qk_norm_lr_mult=mult)
+        recall.train(model, partial(recall.sequences, pairs=2), 4, 8, 1e-3, 4, 0, qk_norm_lr_mult=mult)
         gains = [p for n, p in model.named_parameters() if recall.is_qk_norm(n)]
         return max((p - 1).abs().max().item() for p in gains)
 
@@ -217,9 +255,14 @@ def test_recall_benchmark_sequences_and_training():
     model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
     recall.drop_qk_norm(model)
     assert not any(recall.is_qk_norm(n) for n, _ in model.named_parameters())
-    assert recall.train(model, 2, 2, 8, 1e-3, 2, 0)[0]["loss"] > 0
+    assert recall.train(model, partial(recall.sequences, pairs=2), 2, 8, 1e-3, 2, 0)[0]["loss"] > 0
+    gapped = partial(recall.sequences, pairs=2, gap=8)  # trained half without the gap, scored with it
+    curve = recall.train(model, recall.mixture(gapped, partial(gapped, gap=0), 0.5), 2, 8, 1e-3, 2, 0,
+                         held_out=gapped)
+    assert len(curve[0]["by_query"]) == 2
     model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
-    curve = recall.train(model, 2, 4, 8, 1e-3, 1, 0, qk_norm_phase_in=(0.25, 0.75))  # complete at step 3
+    curve = recall.train(model, partial(recall.sequences, pairs=2), 4, 8, 1e-3, 1, 0,
+                         qk_norm_phase_in=(0.25, 0.75))  # complete at step 3
     assert [row["qk_norm_blend"] for row in curve] == [0.0, 0.0, 0.5, 1.0]
     assert not model.model.layers[0].self_attn.k_norm._forward_hooks  # handed back as plain Qwen3
 

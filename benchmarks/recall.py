@@ -1,8 +1,8 @@
 """How fast does the demo's LLM learn associative recall, with nothing else to learn?
 
-    python benchmarks/recall.py [--pairs 3] [--queries Q] [--gap G [--direct-share F]]
-                                [--value-first | --joint | --conjunction] [--steps 3000] [--batch 64]
-                                [--lr 3e-3] [--every 250]
+    python benchmarks/recall.py [--pairs 3] [--queries Q] [--gap G] [--direct-share F]
+                                [--value-first | --joint | --conjunction [--background B]]
+                                [--steps 3000] [--batch 64] [--lr 3e-3] [--every 250]
                                 [--qk-norm-lr-mult M | --qk-norm-phase-in A B | --no-qk-norm]
                                 [--set hidden_size=256 ...] [--seed 0] [--out NAME] [--init DIR --save DIR]
 
@@ -19,12 +19,14 @@ for the second, ..., 1 for the last. Two steps towards text: `--gap G` puts G fi
 repeated key and its value (the value is due at the last), as a chat template's end of turn and start of the
 answer stand between the named object and the answer; `--value-first` writes every pair value before key, as
 a caption puts the colour before the shape it names. `--direct-share F` gives a share F of the training
-batches no gap (the held-out sequences keep G), so the look-up can be learned where the answer follows the key.
+batches the easiest form, no gap and no background (below; the held-out sequences keep both), so the look-up
+can be learned where it is easy.
 `--joint` gives each pair a single position, the mean of the key's and the value's embeddings, as a visual
 token holds what it shows and where (grounding's look-up: match the named object, read its place).
 `--conjunction` makes each key two tokens at that position, a "colour" and a "shape" shared with other keys
 (two colours and two shapes make every key of a sequence), and the query names both, as "the red triangle"
-among a red square and a blue triangle.
+among a red square and a blue triangle. `--background B` mixes B positions among the pairs, each a background
+token with a value of its own, as the empty parts of an image hold their places.
 `--qk-norm-lr-mult M` trains the query/key-norm gains (Qwen3's QK-norm, which fixes every query's and key's
 length) at M times the LR; `--qk-norm-phase-in A B` trains with QK-norm phased in (the trainer's
 `qk_norm_phase_in`: queries and keys keep their lengths until A of the run, then blend linearly into the
@@ -64,13 +66,14 @@ from ovis25.train.trainer import lr_lambda, qk_norm_blend
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS, VALUES = range(10, 110), range(110, 210)  # token ids; the rest of the vocabulary is never used
 COLOUR_KEYS, SHAPE_KEYS = range(10, 20), range(20, 30)  # the two halves of a key with --conjunction
+BACKGROUND = 0
 SEPARATOR = 1
 FILLERS = range(2, 10)  # a fixed run of tokens between a query and its answer, as a chat template's turn end
 
 
 def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None, gap: int = 0,
-              value_first: bool = False, joint: bool = False,
-              conjunction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              value_first: bool = False, joint: bool = False, conjunction: bool = False,
+              background: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 2 * pairs + 1 + (gap + 2) * queries) token ids and targets (-100 except where the value is due: at
     the repeated key, or at the last of the `gap` filler tokens after it); `queries` distinct keys are asked
     (default: all). `value_first` writes each pair value before key, as a caption puts a colour before its
@@ -78,7 +81,9 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
     a visual token mixes the visual words of what it shows: ids are then (n, pairs + 1 + (gap + 2) * queries, 2),
     the two tokens averaged at each position (the same one twice outside the pairs). `conjunction` (joint, at
     most 4 pairs) makes each key two tokens, a "colour" and a "shape", drawn from two of each so that every key
-    shares one of them with another: ids (n, pairs + 1 + (gap + 3) * queries, 3), a query naming both."""
+    shares one of them with another: ids (n, pairs + 1 + (gap + 3) * queries, 3), a query naming both.
+    `background` (joint or conjunction) mixes that many positions among the pairs that hold a background token
+    with a value of their own, as a visual token of empty image holds its place (the ids `background` longer)."""
     ids, targets = [], []
     for _ in range(n):
         if conjunction:
@@ -90,6 +95,9 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
         width = len(keys[0]) + 1
         if joint or conjunction:
             seq = [(*k, v) for k, v in zip(keys, values)]
+            if background:
+                seq += [(BACKGROUND,) * len(keys[0]) + (rng.choice(VALUES),) for _ in range(background)]
+                rng.shuffle(seq)
         else:
             seq = [(t, t) for (k,), v in zip(keys, values) for t in ((v, k) if value_first else (k, v))]
         seq.append((SEPARATOR,) * width)
@@ -208,8 +216,10 @@ def main() -> None:
     parser.add_argument("--joint", action="store_true", help="each pair one position: key and value averaged")
     parser.add_argument("--conjunction", action="store_true",
                         help="keys of two tokens, each shared with another key; joint positions")
+    parser.add_argument("--background", type=int, default=0,
+                        help="positions of background, each with a value, among the pairs (--joint, --conjunction)")
     parser.add_argument("--direct-share", type=float, default=0.0,
-                        help="share of the training batches with no gap (held-out ones keep --gap)")
+                        help="share of the training batches with no gap and no background (held-out ones keep them)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -231,6 +241,8 @@ def main() -> None:
         raise SystemExit(f"--gap {args.gap}: must be between 0 and {len(FILLERS)}")
     if (args.joint or args.conjunction) and args.value_first:
         raise SystemExit("--joint and --conjunction put key and value at one position: --value-first does not apply")
+    if args.background and not (args.joint or args.conjunction):
+        raise SystemExit("--background needs --joint or --conjunction: it mixes positions among the pairs'")
     if args.conjunction and args.pairs > 4:
         raise SystemExit(f"--conjunction --pairs {args.pairs}: at most 4 keys of two colours and two shapes")
     if not 0 <= args.direct_share < 1:
@@ -257,8 +269,9 @@ def main() -> None:
     queries = " | ".join(f"query {i + 1} (elimination {1 / (args.pairs - i):.2f})" for i in range(asked))
     print(f"| steps | loss | held-out accuracy | {queries} | seconds |\n|---|---|---|" + "---|" * (asked + 1))
     task = partial(sequences, pairs=args.pairs, queries=args.queries, gap=args.gap, value_first=args.value_first,
-                   joint=args.joint, conjunction=args.conjunction)
-    training = mixture(task, partial(task, gap=0), args.direct_share) if args.direct_share else task
+                   joint=args.joint, conjunction=args.conjunction, background=args.background)
+    easy = partial(task, gap=0, background=0)
+    training = mixture(task, easy, args.direct_share) if args.direct_share else task
     curve = train(model, training, args.steps, args.batch, args.lr, args.every, args.seed, args.qk_norm_lr_mult,
                   args.qk_norm_phase_in, held_out=task)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -227,6 +227,15 @@ def test_recall_benchmark_sequences_and_training():
                                        for key in pairs)  # each key shares its colour or shape with another
         blocks = [[t for t, _, _ in seq[4 + 5 * q: 9 + 5 * q]] for q in range(3)]
         assert [pairs[tuple(b[:2])] for b in blocks] == [b[4] for b in blocks] == target[7::5]
+    plain, _ = recall.sequences(1, random.Random(1), 3, gap=2, conjunction=True)
+    ids, targets = recall.sequences(4, random.Random(1), 3, gap=2, conjunction=True, background=5)
+    assert ids.shape == (4, 4 + 5 + 3 * 5, 3)
+    for seq, target in zip(ids.tolist(), targets.tolist()):  # the pairs among five background positions
+        background = [p for p in seq[:8] if p[0] == recall.BACKGROUND]
+        assert len(background) == 5 and all(p[1] == recall.BACKGROUND and p[2] in recall.VALUES for p in background)
+        pairs = {(c, s): v for c, s, v in seq[:8] if c != recall.BACKGROUND}
+        assert [pairs[tuple(t for t, _, _ in seq[9 + 5 * q: 11 + 5 * q])] for q in range(3)] == target[12::5]
+    assert sorted(p for p in ids[0, :8].tolist() if p[0] != recall.BACKGROUND) == sorted(plain[0, :3].tolist())
     model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0)
     embeds = model.model.embed_tokens.weight
     with torch.no_grad():  # a joint position is the mean of its two embeddings; a doubled token is itself

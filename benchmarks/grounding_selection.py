@@ -1,20 +1,21 @@
 """Why the demo's tiny Ovis does not learn grounding: it can box *an* object, but not pick the one named.
 
-    python benchmarks/grounding_selection.py [--run runs/demo] [--questions 20000] [--objects 1,2,0]
-                                             [--swap 40] [key=value ...]   # overrides of the P2 recipe
+    python benchmarks/grounding_selection.py [--run runs/demo] [--questions 20000] [--objects 1,2,0,grid]
+                                             [--swap 40] [--out NAME] [key=value ...]   # overrides of P2's recipe
 
-For each number of objects per image (0: 2-4, the demo's own grounding task), a world of grounding questions
+For each number of objects per image (0: 2-4, the demo's own grounding task; grid: 2-4, half the images a 64 x
+64 grid with each object alone in one visual token, the look-up's easy form), a world of grounding questions
 alone, then the P2 recipe from the demo's P1 checkpoint, as `benchmarks/demo_curves.py` trains one task.
 Each model is scored on 200 held-out questions (mean IoU, as `ovis25 eval`), and by a swap test: on `--swap`
 fresh images of two objects, it is asked for each object in turn; "follows the name" is the share of
 answers whose box centre is nearer the named object than the other (0.5: the name is ignored), "same box"
 the share of images where both questions get the identical box.
 
-The demo's own P2 (`RUN/p2/final`) is also asked to describe `--swap` fresh scenes of 2-4 objects: of the
+The demo's own P2 (`RUN/p2/final`, where the run has one) is also asked to describe `--swap` fresh scenes of 2-4 objects: of the
 objects its captions name that are in the image, the share put in the right one of the nine places
 (`synth.world.place_name`; the captions it was trained on say where every object is).
 
-Prints a table and writes benchmarks/results/grounding_selection.json.
+Prints a table and writes benchmarks/results/NAME.json (NAME: grounding_selection unless --out says).
 """
 from __future__ import annotations
 
@@ -36,21 +37,45 @@ from demo_curves import PIXELS, p1_checkpoint, task_curve  # noqa: E402
 from ovis25.grounding import Box, parse_boxes  # noqa: E402
 
 
-def grounding_with(objects: int):
-    """The demo's grounding task with `objects` objects per image (0: as the demo draws them)."""
+GRID = 64  # px: at the demo's smallest image budget (64 * 64) a 2 x 2 grid of visual tokens, 32 px each
+
+
+def grid_scene(rng: random.Random, kinds: list[tuple[str, str]]):
+    """One object per visual token: each (shape, color) of `kinds` (at most 4) inside its own 32 x 32 quadrant
+    of a 64 x 64 image, so that no token holds two objects and little of each is background."""
+    from ovis25.synth import world
+
+    objs = []
+    for (shape, color), (cx, cy) in zip(kinds, rng.sample([(0, 0), (32, 0), (0, 32), (32, 32)], len(kinds))):
+        side = rng.randint(22, 28)
+        x0, y0 = cx + rng.randint(2, 30 - side), cy + rng.randint(2, 30 - side)
+        objs.append(world.Obj(shape, color, (x0, y0, x0 + side - 1, y0 + side - 1)))
+    return world.render((GRID, GRID), objs), objs
+
+
+def grounding_with(variant: str):
+    """The demo's grounding task with `variant` objects per image ("0": 2-4 as the demo draws them; "grid": 2-4,
+    half the images one-token grids, `grid_scene`)."""
     from ovis25.grounding import format_box
     from ovis25.synth import world
 
-    if not objects:
+    if variant == "0":
         return world.grounding
 
     def draw(rng: random.Random) -> world.Sample:
-        kinds = rng.sample(world.KINDS, objects)
-        image, objs = world.scene(rng, kinds)
+        if variant == "grid":
+            kinds = rng.sample(world.KINDS, rng.randint(2, 4))
+            image, objs = (grid_scene if rng.random() < 0.5 else world.scene)(rng, kinds)
+        else:
+            image, objs = world.scene(rng, rng.sample(world.KINDS, int(variant)))
         box = format_box(objs[0].rel_box(*image.size))
         return world.Sample("grounding", [image], f"Where is the <ref>{objs[0].name}</ref>?", box, "iou",
                             caption=world.scene_caption(objs, image.size), wrong=box)
     return draw
+
+
+VARIANT_NAMES = {"0": "2-4 objects (the demo's task)", "1": "1 object",
+                 "grid": "2-4 objects, half the images one-token grids"}
 
 
 def predicted_box(reply: str) -> Box:
@@ -111,27 +136,33 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
     ap.add_argument("--questions", type=int, default=20000)
-    ap.add_argument("--objects", default="1,2,0", help="objects per image, comma-separated (0: 2-4 as the demo)")
+    ap.add_argument("--objects", default="1,2,0",
+                    help="objects per image, comma-separated (0: 2-4 as the demo; grid: 2-4, half in one-token grids)")
     ap.add_argument("--swap", type=int, default=40, help="images of the swap test")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "grounding_selection")
+    ap.add_argument("--out", default="grounding_selection", help="results name")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe")
     args = ap.parse_args(argv)
     init = p1_checkpoint(args.run)
     from ovis25.synth import world
 
+    p2 = args.run / "p2" / "final"
     results = {"init": str(init), "questions": args.questions, "overrides": args.overrides,
-               "captions_after_p2": caption_places(args.run / "p2" / "final", args.swap), "variants": {}}
+               "captions_after_p2": caption_places(p2, args.swap) if (p2 / "config.json").exists() else None,
+               "variants": {}}
     print("captions after the demo's P2:", results["captions_after_p2"], flush=True)
     demo_task = world.TASKS["grounding"]
-    for objects in map(int, args.objects.split(",")):
-        name = f"{objects} object{'s' * (objects != 1)}" if objects else "2-4 objects (the demo's task)"
-        world.TASKS["grounding"] = grounding_with(objects)  # the world builder draws from TASKS
+    for variant in args.objects.split(","):
+        if variant != "grid" and not variant.isdigit():
+            raise SystemExit(f"--objects {variant!r}: a number of objects per image, 0 or grid")
+        name = VARIANT_NAMES.get(variant, f"{variant} objects")
+        world.TASKS["grounding"] = grounding_with(variant)  # the world builder draws from TASKS
         try:
-            points = task_curve("grounding", init, args.work / str(objects), args.questions, 200,
+            points = task_curve("grounding", init, args.work / variant, args.questions, 200,
                                 args.questions, 0, args.overrides)
         finally:
             world.TASKS["grounding"] = demo_task
-        final = args.work / str(objects) / "grounding" / "run" / "final"
+        final = args.work / variant / "grounding" / "run" / "final"
         results["variants"][name] = {"before": points[0]["mean_iou"], "mean_iou": points[-1]["mean_iou"],
                                      "train_s": points[-1]["train_s"], **swap_test(final, args.swap)}
         print(name, results["variants"][name], flush=True)
@@ -140,13 +171,14 @@ def main(argv: list[str] | None = None) -> None:
              "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['before']:.2f} | {v['mean_iou']:.2f} | {v['follows_name']:.2f} | {v['same_box']:.2f} | "
               f"{v['train_s']:.0f} |" for k, v in results["variants"].items()]
-    c = results["captions_after_p2"]
-    lines.append(f"\ncaptions after the demo's P2, {c['scenes']} scenes: {c['in_the_image']} of {c['objects_named']} "
-                 f"objects named are in the image, {c['placed_right']} of those in their place ({c['share_placed']:.2f})")
+    if c := results["captions_after_p2"]:
+        lines.append(f"\ncaptions after the demo's P2, {c['scenes']} scenes: {c['in_the_image']} of "
+                     f"{c['objects_named']} objects named are in the image, {c['placed_right']} of those in their "
+                     f"place ({c['share_placed']:.2f})")
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "grounding_selection.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'grounding_selection.json'}")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS / (args.out + '.json')}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from ovis25.synth.world import SHAPES
 sys.path.insert(0, str(REPO / "benchmarks"))
 import attribute_lookup  # noqa: E402  (benchmarks/attribute_lookup.py)
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
+import grounding_selection  # noqa: E402  (benchmarks/grounding_selection.py)
 import recall  # noqa: E402  (benchmarks/recall.py)
 import text_lookup  # noqa: E402  (benchmarks/text_lookup.py)
 import token_oracle  # noqa: E402  (benchmarks/token_oracle.py)
@@ -295,6 +296,33 @@ def test_recall_benchmark_trains_a_checkpoints_llm_and_saves_it(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["recall.py", "--save", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--save needs --init"):
         recall.main()
+
+
+def test_grid_scenes_put_each_object_alone_in_one_visual_token():
+    """grounding_selection.py's grid variant: 64 x 64 images (2 x 2 visual tokens at the demo's budget), each
+    object drawn inside its own 32 x 32 quadrant, and the answer the named object's box."""
+    import numpy as np
+
+    from ovis25.grounding import parse_boxes
+    from ovis25.synth.world import COLORS
+
+    draw, rng, grids = grounding_selection.grounding_with("grid"), random.Random(0), 0
+    for _ in range(60):
+        sample = draw(rng)
+        image = sample.images[0]
+        if image.size != (64, 64):
+            continue
+        grids += 1
+        pixels = np.asarray(image)
+        target = sample.question.split("<ref>")[1].split("</ref>")[0]
+        box = parse_boxes(sample.answer)[0]
+        quadrant = (int(box.x1 * 64) // 32, int(box.y1 * 64) // 32)
+        assert quadrant == (min(int(box.x2 * 64), 63) // 32, min(int(box.y2 * 64), 63) // 32)  # inside one token
+        x0, y0 = quadrant[0] * 32, quadrant[1] * 32
+        cell = pixels[y0:y0 + 32, x0:x0 + 32].reshape(-1, 3)
+        colour = np.array(COLORS[target.split()[0]])
+        assert (np.abs(cell.astype(int) - colour).sum(1) < 30).mean() > 0.15  # the named colour fills the token
+    assert 15 < grids < 45  # about half the images
 
 
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):

@@ -68,9 +68,11 @@ def grounding_with(variant: str):
             image, objs = (grid_scene if rng.random() < 0.5 else world.scene)(rng, kinds)
         else:
             image, objs = world.scene(rng, rng.sample(world.KINDS, int(variant)))
-        box = format_box(objs[0].rel_box(*image.size))
-        return world.Sample("grounding", [image], f"Where is the <ref>{objs[0].name}</ref>?", box, "iou",
-                            caption=world.scene_caption(objs, image.size), wrong=box)
+        box = objs[0].rel_box(*image.size)
+        return world.Sample("grounding", [image], f"Where is the <ref>{objs[0].name}</ref>?", format_box(box),
+                            "iou", caption=world.scene_caption(objs, image.size), wrong=format_box(box),
+                            meta={"target": objs[0].to_dict(), "box": list(box),
+                                  "objects": [o.to_dict() for o in objs]})
     return draw
 
 

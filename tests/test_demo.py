@@ -315,6 +315,7 @@ def test_grid_scenes_put_each_object_alone_in_one_visual_token():
         grids += 1
         pixels = np.asarray(image)
         target = sample.question.split("<ref>")[1].split("</ref>")[0]
+        assert len(sample.meta["objects"]) in (2, 3, 4) and sample.meta["target"]["color"] in target
         box = parse_boxes(sample.answer)[0]
         quadrant = (int(box.x1 * 64) // 32, int(box.y1 * 64) // 32)
         assert quadrant == (min(int(box.x2 * 64), 63) // 32, min(int(box.y2 * 64), 63) // 32)  # inside one token

@@ -9,11 +9,12 @@ alone, then the P2 recipe from the demo's P1 checkpoint, as `benchmarks/demo_cur
 Each model is scored on 200 held-out questions (mean IoU, as `ovis25 eval`), and by a swap test: on `--swap`
 fresh images of two objects, it is asked for each object in turn; "follows the name" is the share of
 answers whose box centre is nearer the named object than the other (0.5: the name is ignored), "same box"
-the share of images where both questions get the identical box.
+the share of images where both questions get the identical box. The grid variant takes the swap test on
+one-token grids of two objects too ("on grids"): does it follow the name where the look-up is easy?
 
-The demo's own P2 (`RUN/p2/final`, where the run has one) is also asked to describe `--swap` fresh scenes of 2-4 objects: of the
-objects its captions name that are in the image, the share put in the right one of the nine places
-(`synth.world.place_name`; the captions it was trained on say where every object is).
+The demo's own P2 (`RUN/p2/final`, where the run has one) is also asked to describe `--swap` fresh scenes of
+2-4 objects: of the objects its captions name that are in the image, the share put in the right one of the
+nine places (`synth.world.place_name`; the captions it was trained on say where every object is).
 
 Prints a table and writes benchmarks/results/NAME.json (NAME: grounding_selection unless --out says).
 """
@@ -91,8 +92,9 @@ def nearer_named(pred: Box, boxes: list[Box], named: int) -> bool:
     return all(d[named] < x for i, x in enumerate(d) if i != named)
 
 
-def swap_test(model_dir: Path, n: int, seed: int = 1234) -> dict:
-    """Ask for each of two objects in the same image: does the box follow the name?"""
+def swap_test(model_dir: Path, n: int, seed: int = 1234, grid: bool = False) -> dict:
+    """Ask for each of two objects in the same image (a one-token grid with `grid`): does the box follow the
+    name?"""
     from ovis25.chat import Chat
     from ovis25.synth import world
 
@@ -100,7 +102,7 @@ def swap_test(model_dir: Path, n: int, seed: int = 1234) -> dict:
     rng = random.Random(seed)
     follows, same = [], 0
     for _ in range(n):
-        image, objs = world.scene(rng, rng.sample(world.KINDS, 2))
+        image, objs = (grid_scene if grid else world.scene)(rng, rng.sample(world.KINDS, 2))
         boxes = [Box(*o.rel_box(*image.size)) for o in objs]
         preds = []
         for obj in objs:
@@ -167,12 +169,18 @@ def main(argv: list[str] | None = None) -> None:
         final = args.work / variant / "grounding" / "run" / "final"
         results["variants"][name] = {"before": points[0]["mean_iou"], "mean_iou": points[-1]["mean_iou"],
                                      "train_s": points[-1]["train_s"], **swap_test(final, args.swap)}
+        if variant == "grid":  # does it follow the name where the look-up is easy?
+            on_grids = swap_test(final, args.swap, grid=True)
+            results["variants"][name] |= {"follows_name_on_grids": on_grids["follows_name"],
+                                          "same_box_on_grids": on_grids["same_box"]}
         print(name, results["variants"][name], flush=True)
     lines = [f"\ngrounding alone, {args.questions} questions, from {init}:",
              "| objects per image | mean IoU before | after | follows the name | same box for both names | train s |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['before']:.2f} | {v['mean_iou']:.2f} | {v['follows_name']:.2f} | {v['same_box']:.2f} | "
-              f"{v['train_s']:.0f} |" for k, v in results["variants"].items()]
+    grids = {k: f" (on grids {v['follows_name_on_grids']:.2f})" for k, v in results["variants"].items()
+             if "follows_name_on_grids" in v}
+    lines += [f"| {k} | {v['before']:.2f} | {v['mean_iou']:.2f} | {v['follows_name']:.2f}{grids.get(k, '')} | "
+              f"{v['same_box']:.2f} | {v['train_s']:.0f} |" for k, v in results["variants"].items()]
     if c := results["captions_after_p2"]:
         lines.append(f"\ncaptions after the demo's P2, {c['scenes']} scenes: {c['in_the_image']} of "
                      f"{c['objects_named']} objects named are in the image, {c['placed_right']} of those in their "

@@ -39,6 +39,7 @@ from ovis25.grounding import Box, parse_boxes  # noqa: E402
 
 
 GRID = 64  # px: at the demo's smallest image budget (64 * 64) a 2 x 2 grid of visual tokens, 32 px each
+CELL = GRID // 2
 
 
 def grid_scene(rng: random.Random, kinds: list[tuple[str, str]]):
@@ -47,9 +48,10 @@ def grid_scene(rng: random.Random, kinds: list[tuple[str, str]]):
     from ovis25.synth import world
 
     objs = []
-    for (shape, color), (cx, cy) in zip(kinds, rng.sample([(0, 0), (32, 0), (0, 32), (32, 32)], len(kinds))):
+    cells = [(x, y) for y in (0, CELL) for x in (0, CELL)]
+    for (shape, color), (cx, cy) in zip(kinds, rng.sample(cells, len(kinds))):
         side = rng.randint(22, 28)
-        x0, y0 = cx + rng.randint(2, 30 - side), cy + rng.randint(2, 30 - side)
+        x0, y0 = cx + rng.randint(2, CELL - 2 - side), cy + rng.randint(2, CELL - 2 - side)
         objs.append(world.Obj(shape, color, (x0, y0, x0 + side - 1, y0 + side - 1)))
     return world.render((GRID, GRID), objs), objs
 
@@ -70,8 +72,9 @@ def grounding_with(variant: str):
         else:
             image, objs = world.scene(rng, rng.sample(world.KINDS, int(variant)))
         box = objs[0].rel_box(*image.size)
-        return world.Sample("grounding", [image], f"Where is the <ref>{objs[0].name}</ref>?", format_box(box),
-                            "iou", caption=world.scene_caption(objs, image.size), wrong=format_box(box),
+        answer = format_box(box)
+        return world.Sample("grounding", [image], f"Where is the <ref>{objs[0].name}</ref>?", answer, "iou",
+                            caption=world.scene_caption(objs, image.size), wrong=answer,
                             meta={"target": objs[0].to_dict(), "box": list(box),
                                   "objects": [o.to_dict() for o in objs]})
     return draw

@@ -84,6 +84,7 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
     shares one of them with another: ids (n, pairs + 1 + (gap + 3) * queries, 3), a query naming both.
     `background` (joint or conjunction) mixes that many positions among the pairs that hold a background token
     with a value of their own, as a visual token of empty image holds its place (the ids `background` longer)."""
+    joint = joint or conjunction
     ids, targets = [], []
     for _ in range(n):
         if conjunction:
@@ -93,7 +94,7 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
             keys = [(k,) for k in rng.sample(KEYS, pairs)]
         values = [rng.choice(VALUES) for _ in keys]
         width = len(keys[0]) + 1
-        if joint or conjunction:
+        if joint:
             seq = [(*k, v) for k, v in zip(keys, values)]
             if background:
                 seq += [(BACKGROUND,) * len(keys[0]) + (rng.choice(VALUES),) for _ in range(background)]
@@ -108,7 +109,7 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
         ids.append(seq)
         targets.append(target)
     ids = torch.tensor(ids)
-    return (ids if joint or conjunction else ids[..., 0]), torch.tensor(targets)
+    return (ids if joint else ids[..., 0]), torch.tensor(targets)
 
 
 def model_for(overrides: dict[str, int | float], seed: int) -> Qwen3ForCausalLM:
@@ -242,7 +243,7 @@ def main() -> None:
     if (args.joint or args.conjunction) and args.value_first:
         raise SystemExit("--joint and --conjunction put key and value at one position: --value-first does not apply")
     if args.background and not (args.joint or args.conjunction):
-        raise SystemExit("--background needs --joint or --conjunction: it mixes positions among the pairs'")
+        raise SystemExit("--background needs --joint or --conjunction: it mixes positions among the pairs")
     if args.conjunction and args.pairs > 4:
         raise SystemExit(f"--conjunction --pairs {args.pairs}: at most 4 keys of two colours and two shapes")
     if not 0 <= args.direct_share < 1:

@@ -56,9 +56,14 @@ def grid_scene(rng: random.Random, kinds: list[tuple[str, str]]):
     return world.render((GRID, GRID), objs), objs
 
 
+PLACE_QUESTION = "Which part of the image is the {} in?"
+PLACE_GRID_SHARE = {"gridplace": 1.0, "placemix": 0.5, "place": 0.0}  # the place variants' share of grids
+
+
 def grounding_with(variant: str):
     """The demo's grounding task with `variant` objects per image ("0": 2-4 as the demo draws them; "grid": 2-4,
-    half the images one-token grids, `grid_scene`)."""
+    half the images one-token grids, `grid_scene`), or with the named object's place as the answer (the
+    `PLACE_GRID_SHARE` variants: 2-4 objects, that share of the images one-token grids)."""
     from ovis25.grounding import format_box
     from ovis25.synth import world
 
@@ -66,6 +71,14 @@ def grounding_with(variant: str):
         return world.grounding
 
     def draw(rng: random.Random) -> world.Sample:
+        if variant in PLACE_GRID_SHARE:
+            kinds = rng.sample(world.KINDS, rng.randint(2, 4))
+            image, objs = (grid_scene if rng.random() < PLACE_GRID_SHARE[variant] else world.scene)(rng, kinds)
+            return world.Sample("grounding", [image], PLACE_QUESTION.format(objs[0].name),
+                                world.place_name(objs[0], image.size), "exact",
+                                caption=world.scene_caption(objs, image.size),
+                                wrong=world.place_name(objs[1], image.size),
+                                meta={"target": objs[0].to_dict(), "objects": [o.to_dict() for o in objs]})
         if variant == "grid":
             kinds = rng.sample(world.KINDS, rng.randint(2, 4))
             image, objs = (grid_scene if rng.random() < 0.5 else world.scene)(rng, kinds)
@@ -81,7 +94,10 @@ def grounding_with(variant: str):
 
 
 VARIANT_NAMES = {"0": "2-4 objects (the demo's task)", "1": "1 object",
-                 "grid": "2-4 objects, half the images one-token grids"}
+                 "grid": "2-4 objects, half the images one-token grids",
+                 "gridplace": "the place named, one-token grids only",
+                 "placemix": "the place named, half the images one-token grids",
+                 "place": "the place named, the demo's scenes"}
 
 
 def predicted_box(reply: str) -> Box:
@@ -117,6 +133,30 @@ def swap_test(model_dir: Path, n: int, seed: int = 1234, grid: bool = False) -> 
     return {"follows_name": round(sum(follows) / len(follows), 3), "same_box": round(same / n, 3), "images": n}
 
 
+def place_swap_test(model_dir: Path, n: int, seed: int = 1234, grid: bool = False) -> dict:
+    """Ask for the place of each of two objects in different places of one image (a one-token grid with
+    `grid`): "right" the share of answers naming the asked object's place, "other" the other object's."""
+    from ovis25.chat import Chat
+    from ovis25.synth import world
+
+    chat = Chat.from_pretrained(model_dir, dtype=torch.float32)
+    rng = random.Random(seed)
+    right = other = same = 0
+    for _ in range(n):
+        while True:
+            image, objs = (grid_scene if grid else world.scene)(rng, rng.sample(world.KINDS, 2))
+            places = [world.place_name(o, image.size) for o in objs]
+            if places[0] != places[1]:
+                break
+        answers = [chat.generate(f"<image>\n{PLACE_QUESTION.format(o.name)}", images=[image],
+                                 enable_thinking=False, max_new_tokens=8, **PIXELS).text.strip() for o in objs]
+        same += answers[0] == answers[1]
+        right += sum(a == p for a, p in zip(answers, places))
+        other += sum(a == p for a, p in zip(answers, reversed(places)))
+    return {"right": round(right / (2 * n), 3), "other": round(other / (2 * n), 3), "same_answer": round(same / n, 3),
+            "images": n}
+
+
 def caption_places(model_dir: Path, n: int, seed: int = 7) -> dict:
     """Of the objects a caption names that are in the image, the share put in their place."""
     from ovis25.chat import Chat
@@ -144,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
     ap.add_argument("--questions", type=int, default=20000)
     ap.add_argument("--objects", default="1,2,0",
-                    help="objects per image, comma-separated (0: 2-4 as the demo; grid: 2-4, half in one-token grids)")
+                    help="objects per image, comma-separated (0: 2-4 as the demo; grid: 2-4, half in one-token grids;"
+                         " gridplace, placemix, place: the named object's place asked, on grids, half, none)")
     ap.add_argument("--swap", type=int, default=40, help="images of the swap test")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "grounding_selection")
     ap.add_argument("--out", default="grounding_selection", help="results name")
@@ -160,16 +201,24 @@ def main(argv: list[str] | None = None) -> None:
     print("captions after the demo's P2:", results["captions_after_p2"], flush=True)
     demo_task = world.TASKS["grounding"]
     for variant in args.objects.split(","):
-        if variant != "grid" and not variant.isdigit():
-            raise SystemExit(f"--objects {variant!r}: a number of objects per image, 0 or grid")
+        if variant not in VARIANT_NAMES and not variant.isdigit():
+            raise SystemExit(f"--objects {variant!r}: a number of objects per image, or one of {list(VARIANT_NAMES)}")
         name = VARIANT_NAMES.get(variant, f"{variant} objects")
         world.TASKS["grounding"] = grounding_with(variant)  # the world builder draws from TASKS
         try:
-            points = task_curve("grounding", init, args.work / variant, args.questions, 200,
-                                args.questions, 0, args.overrides)
+            every = 150 if variant in PLACE_GRID_SHARE else args.questions  # short answers: a curve is cheap
+            points = task_curve("grounding", init, args.work / variant, args.questions, 200, every, 0,
+                                args.overrides)
         finally:
             world.TASKS["grounding"] = demo_task
         final = args.work / variant / "grounding" / "run" / "final"
+        if variant in PLACE_GRID_SHARE:
+            results["variants"][name] = {"curve": [(p["questions_seen"], round(p["accuracy"], 3)) for p in points],
+                                         "train_s": points[-1]["train_s"],
+                                         "scenes": place_swap_test(final, args.swap),
+                                         "grids": place_swap_test(final, args.swap, grid=True)}
+            print(name, results["variants"][name], flush=True)
+            continue
         results["variants"][name] = {"before": points[0]["mean_iou"], "mean_iou": points[-1]["mean_iou"],
                                      "train_s": points[-1]["train_s"], **swap_test(final, args.swap)}
         if variant == "grid":  # does it follow the name where the look-up is easy?
@@ -177,13 +226,22 @@ def main(argv: list[str] | None = None) -> None:
             results["variants"][name] |= {"follows_name_on_grids": on_grids["follows_name"],
                                           "same_box_on_grids": on_grids["same_box"]}
         print(name, results["variants"][name], flush=True)
-    lines = [f"\ngrounding alone, {args.questions} questions, from {init}:",
-             "| objects per image | mean IoU before | after | follows the name | same box for both names | train s |",
-             "|---|---|---|---|---|---|"]
-    grids = {k: f" (on grids {v['follows_name_on_grids']:.2f})" for k, v in results["variants"].items()
-             if "follows_name_on_grids" in v}
-    lines += [f"| {k} | {v['before']:.2f} | {v['mean_iou']:.2f} | {v['follows_name']:.2f}{grids.get(k, '')} | "
-              f"{v['same_box']:.2f} | {v['train_s']:.0f} |" for k, v in results["variants"].items()]
+    boxes = {k: v for k, v in results["variants"].items() if "mean_iou" in v}
+    places = {k: v for k, v in results["variants"].items() if "curve" in v}
+    lines = [f"\ngrounding alone, {args.questions} questions, from {init}:"]
+    if boxes:
+        lines += ["| objects per image | mean IoU before | after | follows the name | same box for both names "
+                  "| train s |", "|---|---|---|---|---|---|"]
+        grids = {k: f" (on grids {v['follows_name_on_grids']:.2f})" for k, v in boxes.items()
+                 if "follows_name_on_grids" in v}
+        lines += [f"| {k} | {v['before']:.2f} | {v['mean_iou']:.2f} | {v['follows_name']:.2f}{grids.get(k, '')} | "
+                  f"{v['same_box']:.2f} | {v['train_s']:.0f} |" for k, v in boxes.items()]
+    if places:
+        lines += ["\n| place questions | held-out accuracy by questions seen | scenes: right / other's / same answer "
+                  "| grids: right / other's / same answer |", "|---|---|---|---|"]
+        lines += [f"| {k} | {', '.join(f'{a:.2f}' for _, a in v['curve'])} | "
+                  + " | ".join(f"{v[s]['right']:.2f} / {v[s]['other']:.2f} / {v[s]['same_answer']:.2f}"
+                               for s in ("scenes", "grids")) + " |" for k, v in places.items()]
     if c := results["captions_after_p2"]:
         lines.append(f"\ncaptions after the demo's P2, {c['scenes']} scenes: {c['in_the_image']} of "
                      f"{c['objects_named']} objects named are in the image, {c['placed_right']} of those in their "

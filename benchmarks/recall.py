@@ -1,7 +1,8 @@
 """How fast does the demo's LLM learn associative recall, with nothing else to learn?
 
     python benchmarks/recall.py [--pairs 3] [--queries Q] [--gap G] [--direct-share F]
-                                [--value-first | --joint | --conjunction [--background B]]
+                                [--value-first | --joint | --conjunction [--background B]
+                                 [--visual keys|values|both [--visual-from-text start|tied]]]
                                 [--steps 3000] [--batch 64] [--lr 3e-3] [--every 250]
                                 [--qk-norm-lr-mult M | --qk-norm-phase-in A B | --no-qk-norm]
                                 [--set hidden_size=256 ...] [--seed 0] [--out NAME] [--init DIR --save DIR]
@@ -27,6 +28,11 @@ token holds what it shows and where (grounding's look-up: match the named object
 (two colours and two shapes make every key of a sequence), and the query names both, as "the red triangle"
 among a red square and a blue triangle. `--background B` mixes B positions among the pairs, each a background
 token with a value of its own, as the empty parts of an image hold their places.
+`--visual keys|values|both` (with --conjunction) writes the pairs in tokens of their own, as a visual token holds
+visual words, not the question's text: each key as one class token per (colour, shape), each value as a place
+token, or both; queries and answers stay in the text tokens. `--visual-from-text start|tied` makes each class
+embedding the mean of its colour's and shape's and each place embedding its value's, at the start only or
+throughout (the table's own rows then a learned difference), as a VET whose visual words are tied to their names.
 `--qk-norm-lr-mult M` trains the query/key-norm gains (Qwen3's QK-norm, which fixes every query's and key's
 length) at M times the LR; `--qk-norm-phase-in A B` trains with QK-norm phased in (the trainer's
 `qk_norm_phase_in`: queries and keys keep their lengths until A of the run, then blend linearly into the
@@ -55,6 +61,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ovis25.model import Ovis
 from ovis25.model.llm import Qwen3ForCausalLM
@@ -66,6 +73,10 @@ from ovis25.train.trainer import lr_lambda, qk_norm_blend
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS, VALUES = range(10, 110), range(110, 210)  # token ids; the rest of the vocabulary is never used
 COLOUR_KEYS, SHAPE_KEYS = range(10, 20), range(20, 30)  # the two halves of a key with --conjunction
+# --visual: the pairs hold tokens of their own, as a visual token holds visual words, not text: a class per
+# (colour, shape) and a place per value, the value's text token still the answer
+PLACES, CLASSES = range(210, 310), range(310, 410)
+VISUAL_VOCAB = CLASSES.stop  # the vocabulary --visual needs (the others' is VALUES.stop, as before)
 BACKGROUND = 0
 SEPARATOR = 1
 FILLERS = range(2, 10)  # a fixed run of tokens between a query and its answer, as a chat template's turn end
@@ -73,7 +84,7 @@ FILLERS = range(2, 10)  # a fixed run of tokens between a query and its answer, 
 
 def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None, gap: int = 0,
               value_first: bool = False, joint: bool = False, conjunction: bool = False,
-              background: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              background: int = 0, visual: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 2 * pairs + 1 + (gap + 2) * queries) token ids and targets (-100 except where the value is due: at
     the repeated key, or at the last of the `gap` filler tokens after it); `queries` distinct keys are asked
     (default: all). `value_first` writes each pair value before key, as a caption puts a colour before its
@@ -83,7 +94,10 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
     most 4 pairs) makes each key two tokens, a "colour" and a "shape", drawn from two of each so that every key
     shares one of them with another: ids (n, pairs + 1 + (gap + 3) * queries, 3), a query naming both.
     `background` (joint or conjunction) mixes that many positions among the pairs that hold a background token
-    with a value of their own, as a visual token of empty image holds its place (the ids `background` longer)."""
+    with a value of their own, as a visual token of empty image holds its place (the ids `background` longer).
+    `visual` (conjunction: "keys", "values" or "both") writes each pair's key as its class token (twice), its
+    value as the value's place token, or both, so that the query's colour and shape, or the answer's value, are
+    other tokens than those the pair holds."""
     joint = joint or conjunction
     ids, targets = [], []
     for _ in range(n):
@@ -95,9 +109,12 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
         values = [rng.choice(VALUES) for _ in keys]
         width = len(keys[0]) + 1
         if joint:
-            seq = [(*k, v) for k, v in zip(keys, values)]
+            seq = [((class_of(k),) * 2 if visual in ("keys", "both") else k)
+                   + ((PLACES[v - VALUES.start],) if visual in ("values", "both") else (v,))
+                   for k, v in zip(keys, values)]
             if background:
-                seq += [(BACKGROUND,) * len(keys[0]) + (rng.choice(VALUES),) for _ in range(background)]
+                value_tokens = PLACES if visual in ("values", "both") else VALUES
+                seq += [(BACKGROUND,) * len(keys[0]) + (rng.choice(value_tokens),) for _ in range(background)]
                 rng.shuffle(seq)
         else:
             seq = [(t, t) for (k,), v in zip(keys, values) for t in ((v, k) if value_first else (k, v))]
@@ -112,8 +129,46 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
     return (ids if joint else ids[..., 0]), torch.tensor(targets)
 
 
-def model_for(overrides: dict[str, int | float], seed: int) -> Qwen3ForCausalLM:
-    config = dataclasses.replace(tiny_config(VALUES.stop).llm_config, **overrides)
+def class_of(key: tuple[int, int]) -> int:
+    """The class token of a (colour, shape) key with --visual."""
+    return CLASSES[(key[0] - COLOUR_KEYS.start) * len(SHAPE_KEYS) + key[1] - SHAPE_KEYS.start]
+
+
+def start_visual_from_text(embeddings: torch.Tensor) -> None:
+    """--visual-from-text: each class token starts as the mean of its colour's and shape's embeddings, each place
+    token as its value's (they then train apart)."""
+    with torch.no_grad():
+        for colour in COLOUR_KEYS:
+            for shape in SHAPE_KEYS:
+                embeddings[class_of((colour, shape))] = (embeddings[colour] + embeddings[shape]) / 2
+        embeddings[PLACES.start:PLACES.stop] = embeddings[VALUES.start:VALUES.stop]
+
+
+class VisualFromText(torch.nn.Module):
+    """--visual-from-text tied: the class and place rows of the embedding table are their text tokens' (as
+    `start_visual_from_text` sets them) plus the table's own rows as a learned difference (zero at the start)."""
+
+    def __init__(self):
+        super().__init__()
+        colours, shapes = zip(*[(c, s) for c in COLOUR_KEYS for s in SHAPE_KEYS])
+        self.register_buffer("classes", torch.tensor([class_of(k) for k in zip(colours, shapes)]))
+        self.register_buffer("names", torch.tensor([colours, shapes]).T)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        text = torch.zeros_like(weight)
+        text[self.classes] = weight[self.names].mean(1)
+        text[PLACES.start:PLACES.stop] = weight[VALUES.start:VALUES.stop]
+        return weight + text
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:  # the differences start at zero
+        out = weight.clone()
+        out[self.classes] = 0
+        out[PLACES.start:PLACES.stop] = 0
+        return out
+
+
+def model_for(overrides: dict[str, int | float], seed: int, vocab: int = VALUES.stop) -> Qwen3ForCausalLM:
+    config = dataclasses.replace(tiny_config(vocab).llm_config, **overrides)
     if "hidden_size" in overrides and "intermediate_size" not in overrides:
         config.intermediate_size = 4 * config.hidden_size
     model = Qwen3ForCausalLM(config)
@@ -217,6 +272,12 @@ def main() -> None:
     parser.add_argument("--joint", action="store_true", help="each pair one position: key and value averaged")
     parser.add_argument("--conjunction", action="store_true",
                         help="keys of two tokens, each shared with another key; joint positions")
+    parser.add_argument("--visual", choices=["keys", "values", "both"],
+                        help="with --conjunction: the pairs' keys as class tokens, their values as place tokens, "
+                             "or both, asked and answered in the colour/shape and value tokens")
+    parser.add_argument("--visual-from-text", choices=["start", "tied"],
+                        help="with --visual: each class embedding the mean of its colour's and shape's, each place "
+                             "embedding its value's, at the start only or throughout (plus a learned difference)")
     parser.add_argument("--background", type=int, default=0,
                         help="positions of background, each with a value, among the pairs (--joint, --conjunction)")
     parser.add_argument("--direct-share", type=float, default=0.0,
@@ -244,6 +305,10 @@ def main() -> None:
         raise SystemExit("--joint and --conjunction put key and value at one position: --value-first does not apply")
     if args.background and not (args.joint or args.conjunction):
         raise SystemExit("--background needs --joint or --conjunction: it mixes positions among the pairs")
+    if args.visual_from_text and not args.visual:
+        raise SystemExit("--visual-from-text needs --visual")
+    if args.visual and not args.conjunction:
+        raise SystemExit("--visual needs --conjunction: it replaces a two-token key by its class")
     if args.conjunction and args.pairs > 4:
         raise SystemExit(f"--conjunction --pairs {args.pairs}: at most 4 keys of two colours and two shapes")
     if not 0 <= args.direct_share < 1:
@@ -255,12 +320,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
     overrides = parse_set(args.set)
     ovis = Ovis.from_pretrained(args.init) if args.init else None
-    if ovis is not None and ovis.llm.config.vocab_size < VALUES.stop:
+    vocab = VISUAL_VOCAB if args.visual else VALUES.stop
+    if ovis is not None and ovis.llm.config.vocab_size < vocab:
         raise SystemExit(f"--init {args.init}: vocabulary of {ovis.llm.config.vocab_size} tokens, "
-                         f"recall needs ids up to {VALUES.stop - 1}")
-    model = ovis.llm if ovis is not None else model_for(overrides, args.seed)
+                         f"recall needs ids up to {vocab - 1}")
+    model = ovis.llm if ovis is not None else model_for(overrides, args.seed, vocab)
     if args.no_qk_norm:
         drop_qk_norm(model)
+    if args.visual_from_text == "start":
+        start_visual_from_text(model.model.embed_tokens.weight)
+    elif args.visual_from_text == "tied":
+        parametrize.register_parametrization(model.model.embed_tokens, "weight", VisualFromText())
     n_params = sum(p.numel() for p in model.parameters())
     qk = ("no QK-norm" if args.no_qk_norm else "QK-norm phased in over {:g}-{:g} of the run".format(
         *args.qk_norm_phase_in) if args.qk_norm_phase_in else f"QK-norm gains at {args.qk_norm_lr_mult:g} x LR")
@@ -270,7 +340,7 @@ def main() -> None:
     queries = " | ".join(f"query {i + 1} (elimination {1 / (args.pairs - i):.2f})" for i in range(asked))
     print(f"| steps | loss | held-out accuracy | {queries} | seconds |\n|---|---|---|" + "---|" * (asked + 1))
     task = partial(sequences, pairs=args.pairs, queries=args.queries, gap=args.gap, value_first=args.value_first,
-                   joint=args.joint, conjunction=args.conjunction, background=args.background)
+                   joint=args.joint, conjunction=args.conjunction, background=args.background, visual=args.visual or "")
     easy = partial(task, gap=0, background=0)
     training = mixture(task, easy, args.direct_share) if args.direct_share else task
     curve = train(model, training, args.steps, args.batch, args.lr, args.every, args.seed, args.qk_norm_lr_mult,

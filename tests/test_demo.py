@@ -9,6 +9,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 from conftest import REPO
 
 from ovis25 import Ovis, Processor
@@ -277,6 +278,35 @@ def test_recall_benchmark_sequences_and_training():
     assert not model.model.layers[0].self_attn.k_norm._forward_hooks  # handed back as plain Qwen3
 
 
+def test_recall_visual_pairs_hold_tokens_of_their_own():
+    """recall.py --visual: the pairs hold a class token for the key and a place token for the value (each or both),
+    the queries and answers the text tokens; --visual-from-text makes a class embedding the mean of its colour's
+    and shape's and a place its value's, once ("start") or tied throughout with a learned difference."""
+    text, _ = recall.sequences(6, random.Random(2), 3, gap=2, conjunction=True)
+    for visual in ("keys", "values", "both"):
+        ids, targets = recall.sequences(6, random.Random(2), 3, gap=2, conjunction=True, visual=visual)
+        assert ids.shape == text.shape and torch.equal(ids[:, 3:], text[:, 3:])  # queries and answers unchanged
+        for seq, plain in zip(ids.tolist(), text.tolist()):
+            for (a, b, v), (c, s, value) in zip(seq[:3], plain[:3]):
+                assert (a, b) == ((recall.class_of((c, s)),) * 2 if visual != "values" else (c, s))
+                assert v == (recall.PLACES[value - recall.VALUES.start] if visual != "keys" else value)
+    assert len({recall.class_of((c, s)) for c in recall.COLOUR_KEYS for s in recall.SHAPE_KEYS}) == 100
+    model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0, recall.VISUAL_VOCAB)
+    weights = model.model.embed_tokens.weight
+    recall.start_visual_from_text(weights)
+    pair = torch.tensor([[recall.class_of((12, 25))] * 2 + [recall.PLACES[7]]])
+    assert torch.allclose(weights[pair].mean(1), weights[torch.tensor([[12, 25, recall.VALUES[7]]])].mean(1))
+    model = recall.model_for({"hidden_size": 64, "num_hidden_layers": 1}, 0, recall.VISUAL_VOCAB)
+    before = model.model.embed_tokens.weight.detach().clone()
+    parametrize.register_parametrization(model.model.embed_tokens, "weight", recall.VisualFromText())
+    tied = model.model.embed_tokens.weight
+    assert torch.equal(tied[:recall.PLACES.start], before[:recall.PLACES.start])
+    assert torch.allclose(tied[recall.PLACES.start + 3], before[recall.VALUES.start + 3])
+    assert torch.allclose(tied[recall.class_of((10, 29))], (before[10] + before[29]) / 2)
+    curve = recall.train(model, partial(recall.sequences, pairs=3, conjunction=True, visual="both"), 2, 8, 1e-3, 2, 0)
+    assert curve[0]["loss"] > 0 and model.model.embed_tokens.parametrizations.weight.original.grad is not None
+
+
 def test_recall_benchmark_trains_a_checkpoints_llm_and_saves_it(tmp_path, monkeypatch):
     """recall.py --init DIR --save OUT: trains the checkpoint's own LLM and writes a loadable checkpoint in which
     only the LLM changed; --save alone is refused."""
@@ -324,6 +354,36 @@ def test_grid_scenes_put_each_object_alone_in_one_visual_token():
         colour = np.array(COLORS[target.split()[0]])
         assert (np.abs(cell.astype(int) - colour).sum(1) < 30).mean() > 0.15  # the named colour fills the token
     assert 15 < grids < 45  # about half the images
+
+
+@pytest.mark.parametrize("variant", ["gridplace", "placemix", "place"])
+def test_place_questions_answer_the_named_objects_place(variant):
+    """grounding_selection.py's place variants: the answer is the named object's place, read here from the pixels
+    (the third of the image holding the centre of its colour's extent, where no other object shares the colour),
+    and the share of one-token grids is the variant's."""
+    import numpy as np
+
+    from ovis25.synth.world import COLORS
+
+    draw, rng, grids, checked = grounding_selection.grounding_with(variant), random.Random(1), 0, 0
+    for _ in range(40):
+        sample = draw(rng)
+        image = sample.images[0]
+        grids += image.size == (64, 64)
+        name = sample.question.removeprefix("Which part of the image is the ").removesuffix(" in?")
+        colour = name.split()[0]
+        assert sample.meta["target"]["color"] == colour and sample.metric == "exact"
+        if [o["color"] for o in sample.meta["objects"]].count(colour) > 1:
+            continue
+        ys, xs = np.nonzero(np.abs(np.asarray(image).astype(int) - COLORS[colour]).sum(2) < 30)
+        col, row = (min(2, int(3 * (c.min() + c.max() + 1) / 2 / side)) for c, side in zip((xs, ys), image.size))
+        place = " ".join(w for w in (("top", "", "bottom")[row], ("left", "", "right")[col]) if w) or "centre"
+        assert sample.answer == place
+        checked += 1
+        if image.size == (64, 64):
+            assert place in ("top left", "top right", "bottom left", "bottom right")
+    assert checked > 20
+    assert grids == {"gridplace": 40, "place": 0}.get(variant, grids) and (variant != "placemix" or 10 < grids < 30)
 
 
 def test_text_pretraining_set_teaches_reading_from_context(tmp_path):

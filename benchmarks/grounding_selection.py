@@ -1,6 +1,6 @@
 """Why the demo's tiny Ovis does not learn grounding: it can box *an* object, but not pick the one named.
 
-    python benchmarks/grounding_selection.py [--run runs/demo] [--questions 20000] [--objects 1,2,0,grid]
+    python benchmarks/grounding_selection.py [--run runs/demo | --init DIR] [--questions 20000] [--objects 1,2,0,grid]
                                              [--swap 40] [--out NAME] [key=value ...]   # overrides of P2's recipe
 
 For each number of objects per image (0: 2-4, the demo's own grounding task; grid: 2-4, half the images a 64 x
@@ -11,6 +11,11 @@ fresh images of two objects, it is asked for each object in turn; "follows the n
 answers whose box centre is nearer the named object than the other (0.5: the name is ignored), "same box"
 the share of images where both questions get the identical box. The grid variant takes the swap test on
 one-token grids of two objects too ("on grids"): does it follow the name where the look-up is easy?
+The place variants ask for the named object's place instead of its box ("Which part of the image is the red
+circle in?" -> "top left", `synth.world.place_name`), an answer of one or two words: on one-token grids only
+(gridplace), half the images (placemix) or the demo's scenes (place). Their swap test asks for both objects of
+an image whose places differ: "right" the share of answers naming the asked object's place, "other" the other
+object's. `--init DIR` starts from another checkpoint than the run's P1, e.g. a variant's final model.
 
 The demo's own P2 (`RUN/p2/final`, where the run has one) is also asked to describe `--swap` fresh scenes of
 2-4 objects: of the objects its captions name that are in the image, the share put in the right one of the
@@ -182,6 +187,7 @@ def caption_places(model_dir: Path, n: int, seed: int = 7) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
+    ap.add_argument("--init", type=Path, help="start from this checkpoint instead of the run's P1 (e.g. a variant's)")
     ap.add_argument("--questions", type=int, default=20000)
     ap.add_argument("--objects", default="1,2,0",
                     help="objects per image, comma-separated (0: 2-4 as the demo; grid: 2-4, half in one-token grids;"
@@ -191,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="grounding_selection", help="results name")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe")
     args = ap.parse_args(argv)
-    init = p1_checkpoint(args.run)
+    init = args.init or p1_checkpoint(args.run)
+    if not (init / "config.json").exists():
+        raise SystemExit(f"--init {init}: not a checkpoint directory (no config.json)")
     from ovis25.synth import world
 
     p2 = args.run / "p2" / "final"

@@ -1,15 +1,15 @@
 """Learning curves of the demo's tiny Ovis on one synthetic task at a time: can this size reach the targets?
 
-    python benchmarks/demo_curves.py [--run runs/demo] [--tasks count,attribute,ocr,chart,grounding]
+    python benchmarks/demo_curves.py [--run runs/demo | --init DIR] [--tasks count,attribute,ocr,chart,grounding]
                                      [--questions 12000] [--eval-every 150] [--test 200] [--out NAME]
                                      [key=value ...]   # overrides of the P2 recipe
 
 For each task: a world of that task alone (`--questions` fresh training questions, `--test` held-out ones),
 then the P2 recipe (recipes/tiny/p2.toml, one epoch) from the demo's P1 checkpoint (`RUN/p1/final`: the
-language, vision and VET pretraining already done), with a checkpoint every `--eval-every` steps. Each
-checkpoint answers the held-out questions greedily, scored as in `ovis25 eval` (grounding: IoU >= 0.5,
-mean IoU alongside). The learning rate follows one cosine schedule over the whole run, so an early point is
-a lower bound on what a run of that length would reach.
+language, vision and VET pretraining already done; `--init DIR` names another checkpoint), with a checkpoint
+every `--eval-every` steps. Each checkpoint answers the held-out questions greedily, scored as in `ovis25 eval`
+(grounding: IoU >= 0.5, mean IoU alongside). The learning rate follows one cosine schedule over the whole
+run, so an early point is a lower bound on what a run of that length would reach.
 
 In the demo's P2 each task gets 1/8 of the steps; here it gets all of them, so a curve shows whether a target
 is out of reach for the model size or only for the demo's 15-minute budget. Prints a table and writes
@@ -139,6 +139,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
+    ap.add_argument("--init", type=Path, help="start from this checkpoint instead of the run's P1")
     ap.add_argument("--tasks", default=",".join(TARGETS))
     ap.add_argument("--questions", type=int, default=12000)
     ap.add_argument("--eval-every", type=int, default=150, help="training steps between checkpoints")
@@ -148,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="demo_curves", help="name of the result files in benchmarks/results")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe, e.g. train_modules=...")
     args = ap.parse_args(argv)
-    init = p1_checkpoint(args.run)
+    init = args.init or p1_checkpoint(args.run)
+    if not (init / "config.json").exists():
+        raise SystemExit(f"--init {init}: not a checkpoint directory (no config.json)")
     results = {"init": str(init), "questions": args.questions, "test": args.test, "threads": torch.get_num_threads(),
                "overrides": args.overrides, "curves": {}}
     for task in args.tasks.split(","):

@@ -1,7 +1,7 @@
 """Learning curves of the demo's tiny Ovis on one synthetic task at a time: can this size reach the targets?
 
     python benchmarks/demo_curves.py [--run runs/demo | --init DIR] [--tasks count,attribute,ocr,chart,grounding]
-                                     [--questions 12000] [--eval-every 150] [--test 200] [--out NAME]
+                                     [--questions 12000] [--eval-every 150] [--test 200] [--grids] [--out NAME]
                                      [key=value ...]   # overrides of the P2 recipe
 
 For each task: a world of that task alone (`--questions` fresh training questions, `--test` held-out ones),
@@ -11,6 +11,9 @@ every `--eval-every` steps. Each checkpoint answers the held-out questions greed
 (grounding: IoU >= 0.5, mean IoU alongside). The learning rate follows one cosine schedule over the whole
 run, so an early point is a lower bound on what a run of that length would reach.
 
+`--grids` draws the spatial and grounding tasks' scenes as 64 x 64 grids with each object alone in one visual
+token, the easy form of their look-ups (DEMO.md, "Which part of the look-up is hard").
+
 In the demo's P2 each task gets 1/8 of the steps; here it gets all of them, so a curve shows whether a target
 is out of reach for the model size or only for the demo's 15-minute budget. Prints a table and writes
 benchmarks/results/NAME.json and NAME.png (NAME: demo_curves unless --out says otherwise).
@@ -18,6 +21,7 @@ benchmarks/results/NAME.json and NAME.png (NAME: demo_curves unless --out says o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -66,6 +70,24 @@ def score(model, processor, items) -> dict:
     if numbers:  # the issue's OCR target is on reading digits
         point["numbers_accuracy"] = sum(numbers) / len(numbers)
     return point
+
+
+ON_GRIDS = ("spatial", "grounding")  # the tasks `--grids` can draw on one-token grids (2-4 objects of distinct kinds)
+
+
+@contextlib.contextmanager
+def on_grids():
+    """Scenes drawn as one-token grids (`grounding_selection.grid_scene`: 64 x 64, each object alone in one visual
+    token) while the world is built, the look-ups' easy form."""
+    from grounding_selection import grid_scene
+
+    from ovis25.synth import world
+    scene = world.scene
+    world.scene = lambda rng, kinds: grid_scene(rng, kinds)  # the tasks look it up at call time
+    try:
+        yield
+    finally:
+        world.scene = scene
 
 
 def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eval_every: int, seed: int,
@@ -145,18 +167,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=150, help="training steps between checkpoints")
     ap.add_argument("--test", type=int, default=200, help="held-out questions per task")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grids", action="store_true", help=f"draw the scenes as one-token grids ({', '.join(ON_GRIDS)})")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "curves")
     ap.add_argument("--out", default="demo_curves", help="name of the result files in benchmarks/results")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe, e.g. train_modules=...")
     args = ap.parse_args(argv)
+    tasks = args.tasks.split(",")
+    if args.grids and set(tasks) - set(ON_GRIDS):
+        raise SystemExit(f"--grids: only {', '.join(ON_GRIDS)} draw scenes a grid can hold, not "
+                         f"{', '.join(sorted(set(tasks) - set(ON_GRIDS)))}")
     init = args.init or p1_checkpoint(args.run)
     if not (init / "config.json").exists():
         raise SystemExit(f"--init {init}: not a checkpoint directory (no config.json)")
     results = {"init": str(init), "questions": args.questions, "test": args.test, "threads": torch.get_num_threads(),
-               "overrides": args.overrides, "curves": {}}
-    for task in args.tasks.split(","):
-        results["curves"][task] = task_curve(task, init, args.work, args.questions, args.test, args.eval_every,
-                                             args.seed, args.overrides)
+               "overrides": args.overrides, "grids": args.grids, "curves": {}}
+    for task in tasks:
+        with on_grids() if args.grids else contextlib.nullcontext():
+            results["curves"][task] = task_curve(task, init, args.work, args.questions, args.test, args.eval_every,
+                                                 args.seed, args.overrides)
         print(render({"curves": {task: results["curves"][task]}}), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")

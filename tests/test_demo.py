@@ -23,6 +23,7 @@ from ovis25.synth.world import SHAPES
 sys.path.insert(0, str(REPO / "benchmarks"))
 import attribute_lookup  # noqa: E402  (benchmarks/attribute_lookup.py)
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
+import demo_curves  # noqa: E402  (benchmarks/demo_curves.py)
 import grounding_selection  # noqa: E402  (benchmarks/grounding_selection.py)
 import recall  # noqa: E402  (benchmarks/recall.py)
 import text_lookup  # noqa: E402  (benchmarks/text_lookup.py)
@@ -276,6 +277,27 @@ def test_recall_benchmark_sequences_and_training():
                          qk_norm_phase_in=(0.25, 0.75))  # complete at step 3
     assert [row["qk_norm_blend"] for row in curve] == [0.0, 0.0, 0.5, 1.0]
     assert not model.model.layers[0].self_attn.k_norm._forward_hooks  # handed back as plain Qwen3
+
+
+def test_demo_curves_draw_spatial_questions_on_one_token_grids(tmp_path):
+    """demo_curves.py --grids: while the world is built, spatial scenes are 64 x 64 grids with each object alone in
+    one quadrant, and each answer holds for the objects' centres; the scenes are the demo's again afterwards, and
+    tasks a grid cannot hold are refused."""
+    from ovis25.synth import world
+
+    rng = random.Random(3)
+    with demo_curves.on_grids():
+        samples = [world.spatial(rng) for _ in range(30)]
+    for sample in samples:
+        a, b = (world.Obj.from_dict(sample.meta[k]) for k in "ab")
+        axis, sign = world.RELATIONS[sample.meta["relation"]]
+        assert sample.images[0].size == (64, 64)
+        assert all(o.box[2] - o.box[0] < 32 and o.box[0] // 32 == o.box[2] // 32 for o in (a, b))  # one token each
+        assert sample.answer == ("yes" if (a.center[axis] - b.center[axis]) * sign > 0 else "no")
+    assert {s.answer for s in samples} == {"yes", "no"}
+    assert world.spatial(rng).images[0].size != (64, 64)
+    with pytest.raises(SystemExit, match="--grids: only spatial, grounding .*count"):
+        demo_curves.main(["--grids", "--tasks", "spatial,count", "--init", str(tmp_path)])
 
 
 def test_recall_visual_pairs_hold_tokens_of_their_own():

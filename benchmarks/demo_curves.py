@@ -39,9 +39,12 @@ PIXELS = BUDGETS.for_media(1, 0)  # one image, as the demo evaluates the one-ima
 TARGETS = {"count": 0.9, "attribute": 0.9, "ocr": 0.9, "chart": 0.7, "grounding": 0.5}  # grounding: mean IoU
 
 
-def p1_checkpoint(run: Path) -> Path:
-    """The demo run's P1 checkpoint, where the one-task runs start (exits if the demo has not run)."""
-    init = run / "p1" / "final"
+def p1_checkpoint(run: Path, init: Path | None = None) -> Path:
+    """Where the one-task runs start: `init` (an --init checkpoint), else the demo run's P1 checkpoint (exits if
+    it is not a checkpoint, or the demo has not run)."""
+    if init is not None and not (init / "config.json").exists():
+        sys.exit(f"--init {init}: not a checkpoint directory (no config.json)")
+    init = init or run / "p1" / "final"
     if not (init / "config.json").exists():
         sys.exit(f"{init}: no P1 checkpoint; run `make demo` first (or pass --run)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -83,7 +86,7 @@ def on_grids():
 
     from ovis25.synth import world
     scene = world.scene
-    world.scene = lambda rng, kinds: grid_scene(rng, kinds)  # the tasks look it up at call time
+    world.scene = grid_scene  # the tasks look it up at call time
     try:
         yield
     finally:
@@ -176,9 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.grids and set(tasks) - set(ON_GRIDS):
         raise SystemExit(f"--grids: only {', '.join(ON_GRIDS)} draw scenes a grid can hold, not "
                          f"{', '.join(sorted(set(tasks) - set(ON_GRIDS)))}")
-    init = args.init or p1_checkpoint(args.run)
-    if not (init / "config.json").exists():
-        raise SystemExit(f"--init {init}: not a checkpoint directory (no config.json)")
+    init = p1_checkpoint(args.run, args.init)
     results = {"init": str(init), "questions": args.questions, "test": args.test, "threads": torch.get_num_threads(),
                "overrides": args.overrides, "grids": args.grids, "curves": {}}
     for task in tasks:

@@ -62,13 +62,14 @@ def grid_scene(rng: random.Random, kinds: list[tuple[str, str]]):
 
 
 PLACE_QUESTION = "Which part of the image is the {} in?"
-PLACE_GRID_SHARE = {"gridplace": 1.0, "placemix": 0.5, "place": 0.0}  # the place variants' share of grids
+GRID_SHARE = {"grid": 0.5, "gridplace": 1.0, "placemix": 0.5, "place": 0.0}  # 2-4 objects, this share on grids
+PLACE_VARIANTS = ("gridplace", "placemix", "place")  # the named object's place asked, not its box
 
 
 def grounding_with(variant: str):
-    """The demo's grounding task with `variant` objects per image ("0": 2-4 as the demo draws them; "grid": 2-4,
-    half the images one-token grids, `grid_scene`), or with the named object's place as the answer (the
-    `PLACE_GRID_SHARE` variants: 2-4 objects, that share of the images one-token grids)."""
+    """The demo's grounding task with `variant` objects per image ("0": 2-4 as the demo draws them), or 2-4 with
+    a `GRID_SHARE` of the images one-token grids (`grid_scene`), the `PLACE_VARIANTS` asking for the named
+    object's place instead of its box."""
     from ovis25.grounding import format_box
     from ovis25.synth import world
 
@@ -76,25 +77,22 @@ def grounding_with(variant: str):
         return world.grounding
 
     def draw(rng: random.Random) -> world.Sample:
-        if variant in PLACE_GRID_SHARE:
+        if variant in GRID_SHARE:
             kinds = rng.sample(world.KINDS, rng.randint(2, 4))
-            image, objs = (grid_scene if rng.random() < PLACE_GRID_SHARE[variant] else world.scene)(rng, kinds)
-            return world.Sample("grounding", [image], PLACE_QUESTION.format(objs[0].name),
-                                world.place_name(objs[0], image.size), "exact",
-                                caption=world.scene_caption(objs, image.size),
-                                wrong=world.place_name(objs[1], image.size),
-                                meta={"target": objs[0].to_dict(), "objects": [o.to_dict() for o in objs]})
-        if variant == "grid":
-            kinds = rng.sample(world.KINDS, rng.randint(2, 4))
-            image, objs = (grid_scene if rng.random() < 0.5 else world.scene)(rng, kinds)
+            image, objs = (grid_scene if rng.random() < GRID_SHARE[variant] else world.scene)(rng, kinds)
         else:
             image, objs = world.scene(rng, rng.sample(world.KINDS, int(variant)))
+        caption, meta = world.scene_caption(objs, image.size), {"target": objs[0].to_dict()}
+        if variant in PLACE_VARIANTS:
+            return world.Sample("grounding", [image], PLACE_QUESTION.format(objs[0].name),
+                                world.place_name(objs[0], image.size), "exact", caption=caption,
+                                wrong=world.place_name(objs[1], image.size),
+                                meta=meta | {"objects": [o.to_dict() for o in objs]})
         box = objs[0].rel_box(*image.size)
         answer = format_box(box)
         return world.Sample("grounding", [image], f"Where is the <ref>{objs[0].name}</ref>?", answer, "iou",
-                            caption=world.scene_caption(objs, image.size), wrong=answer,
-                            meta={"target": objs[0].to_dict(), "box": list(box),
-                                  "objects": [o.to_dict() for o in objs]})
+                            caption=caption, wrong=answer,
+                            meta=meta | {"box": list(box), "objects": [o.to_dict() for o in objs]})
     return draw
 
 
@@ -197,9 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="grounding_selection", help="results name")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe")
     args = ap.parse_args(argv)
-    init = args.init or p1_checkpoint(args.run)
-    if not (init / "config.json").exists():
-        raise SystemExit(f"--init {init}: not a checkpoint directory (no config.json)")
+    init = p1_checkpoint(args.run, args.init)
     from ovis25.synth import world
 
     p2 = args.run / "p2" / "final"
@@ -214,13 +210,13 @@ def main(argv: list[str] | None = None) -> None:
         name = VARIANT_NAMES.get(variant, f"{variant} objects")
         world.TASKS["grounding"] = grounding_with(variant)  # the world builder draws from TASKS
         try:
-            every = 150 if variant in PLACE_GRID_SHARE else args.questions  # short answers: a curve is cheap
+            every = 150 if variant in PLACE_VARIANTS else args.questions  # short answers: a curve is cheap
             points = task_curve("grounding", init, args.work / variant, args.questions, 200, every, 0,
                                 args.overrides)
         finally:
             world.TASKS["grounding"] = demo_task
         final = args.work / variant / "grounding" / "run" / "final"
-        if variant in PLACE_GRID_SHARE:
+        if variant in PLACE_VARIANTS:
             results["variants"][name] = {"curve": [(p["questions_seen"], round(p["accuracy"], 3)) for p in points],
                                          "train_s": points[-1]["train_s"],
                                          "scenes": place_swap_test(final, args.swap),

@@ -109,11 +109,10 @@ def sequences(n: int, rng: random.Random, pairs: int, queries: int | None = None
         values = [rng.choice(VALUES) for _ in keys]
         width = len(keys[0]) + 1
         if joint:
-            seq = [((class_of(k),) * 2 if visual in ("keys", "both") else k)
-                   + ((PLACES[v - VALUES.start],) if visual in ("values", "both") else (v,))
+            value_tokens = PLACES if visual in ("values", "both") else VALUES
+            seq = [((class_of(k),) * 2 if visual in ("keys", "both") else k) + (value_tokens[v - VALUES.start],)
                    for k, v in zip(keys, values)]
             if background:
-                value_tokens = PLACES if visual in ("values", "both") else VALUES
                 seq += [(BACKGROUND,) * len(keys[0]) + (rng.choice(value_tokens),) for _ in range(background)]
                 rng.shuffle(seq)
         else:
@@ -135,18 +134,17 @@ def class_of(key: tuple[int, int]) -> int:
 
 
 def start_visual_from_text(embeddings: torch.Tensor) -> None:
-    """--visual-from-text: each class token starts as the mean of its colour's and shape's embeddings, each place
-    token as its value's (they then train apart)."""
+    """--visual-from-text start: each class token starts as the mean of its colour's and shape's embeddings, each
+    place token as its value's (they then train apart)."""
+    tie = VisualFromText()
     with torch.no_grad():
-        for colour in COLOUR_KEYS:
-            for shape in SHAPE_KEYS:
-                embeddings[class_of((colour, shape))] = (embeddings[colour] + embeddings[shape]) / 2
-        embeddings[PLACES.start:PLACES.stop] = embeddings[VALUES.start:VALUES.stop]
+        embeddings.copy_(tie(tie.right_inverse(embeddings)))
 
 
 class VisualFromText(torch.nn.Module):
-    """--visual-from-text tied: the class and place rows of the embedding table are their text tokens' (as
-    `start_visual_from_text` sets them) plus the table's own rows as a learned difference (zero at the start)."""
+    """--visual-from-text tied: the class and place rows of the embedding table are their text tokens' (the mean
+    of the colour's and the shape's, the value's) plus the table's own rows as a learned difference (zero at the
+    start)."""
 
     def __init__(self):
         super().__init__()

@@ -1,8 +1,8 @@
 """Learning curves of the demo's tiny Ovis on one synthetic task at a time: can this size reach the targets?
 
     python benchmarks/demo_curves.py [--run runs/demo | --init DIR] [--tasks count,attribute,ocr,chart,grounding]
-                                     [--questions 12000] [--eval-every 150] [--test 200] [--grids] [--out NAME]
-                                     [key=value ...]   # overrides of the P2 recipe
+                                     [--questions 12000] [--eval-every 150] [--test 200] [--grids] [--together]
+                                     [--out NAME] [key=value ...]   # overrides of the P2 recipe
 
 For each task: a world of that task alone (`--questions` fresh training questions, `--test` held-out ones),
 then the P2 recipe (recipes/tiny/p2.toml, one epoch) from the demo's P1 checkpoint (`RUN/p1/final`: the
@@ -15,7 +15,9 @@ run, so an early point is a lower bound on what a run of that length would reach
 token, the easy form of their look-ups (DEMO.md, "Which part of the look-up is hard").
 
 In the demo's P2 each task gets 1/8 of the steps; here it gets all of them, so a curve shows whether a target
-is out of reach for the model size or only for the demo's 15-minute budget. Prints a table and writes
+is out of reach for the model size or only for the demo's 15-minute budget. `--together` trains the tasks in one
+run instead, weighed as the demo's P2 weighs them (`--questions` per task, a quarter for spatial and grounding):
+the demo's P2 made longer, with fresh questions. Prints a table and writes
 benchmarks/results/NAME.json and NAME.png (NAME: demo_curves unless --out says otherwise).
 """
 from __future__ import annotations
@@ -63,16 +65,16 @@ def checkpoint_model(init: Path, ckpt: Path):
     return model
 
 
-def score(model, processor, items) -> dict:
+def score(model, processor, items) -> dict[str, dict]:
+    """Per task: greedy accuracy on the held-out items, scored as `ovis25 eval` scores them."""
     from ovis25.chat import Chat
     from ovis25.eval import evaluate
     summary, rows = evaluate(Chat(model, processor), items, False, max_new_tokens=32, progress=False,
                              budgets=BUDGETS)
-    point = next(iter(summary.values()))
     numbers = [r["score"] for r in rows if r["task"] == "ocr" and r["answer"].isdigit()]
     if numbers:  # the issue's OCR target is on reading digits
-        point["numbers_accuracy"] = sum(numbers) / len(numbers)
-    return point
+        summary["ocr"]["numbers_accuracy"] = sum(numbers) / len(numbers)
+    return summary
 
 
 ON_GRIDS = ("spatial", "grounding")  # the tasks `--grids` can draw on one-token grids (2-4 objects of distinct kinds)
@@ -93,24 +95,42 @@ def on_grids():
         world.scene = scene
 
 
-def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eval_every: int, seed: int,
-               overrides: list[str] = ()) -> list:
+def shares(datasets: list[str], tasks: list[str]) -> dict[str, float]:
+    """Each task's share of its questions in a recipe's dataset list (`synth_qa_spatial:0.25` -> 0.25)."""
+    weights = dict((entry.split(":") + ["1"])[:2] for entry in datasets)
+    return {task: float(weights.get(f"synth_qa_{task}", 1)) for task in tasks}
+
+
+def task_curves(tasks: list[str], init: Path, work: Path, questions: int, test: int, eval_every: int, seed: int,
+                overrides: list[str] = (), weighed: bool = False) -> dict[str, list]:
+    """One P2 run (recipes/tiny/p2.toml, one pass) on a world of these tasks in `work`, `questions` per task, all
+    of them (`weighed`: as many as the demo's P2 weighs each task, `synth_qa_spatial:0.25` a quarter); every
+    checkpoint scored on the held-out questions. Returns each task's curve."""
+    from ovis25.demo import task_datasets
     from ovis25.eval import load_items
     from ovis25.model import Ovis
     from ovis25.processing import Processor
     from ovis25.synth import build_world
+    from ovis25.synth.build import PRESETS
     from ovis25.train import load_recipe, train
 
-    world = work / task / "world"
-    build_world(world, seed=seed, sizes={"qa": questions, "test": test}, tokenizer=False, tasks=[task])
-    run = work / task / "run"
+    world = work / "world"
+    sizes = {"qa": questions, "test": test}
+    if weighed:  # with captions, as many per question as in the demo's world
+        sizes["caption"] = round(questions * PRESETS["tiny"]["caption"] / PRESETS["tiny"]["qa"])
+    build_world(world, seed=seed, sizes=sizes, tokenizer=False, tasks=tasks)
+    if weighed:
+        task_datasets(world)
+    run = work / "run"
     shutil.rmtree(run, ignore_errors=True)  # else train() resumes a previous run's checkpoints, whatever the init
     t0 = time.perf_counter()
     cfg = load_recipe(ROOT / "recipes" / "tiny" / "p2.toml", [
         f'init="{init}"', f'out_dir="{run}"', f'datainfo="{world / "datainfo.json"}"', f"seed={seed}", "epochs=1",
-        'datasets=["synth_qa", "synth_caption"]',  # one task's world: all of it (the demo's P2 weighs 8 tasks)
         f"save_every={eval_every}", "keep_last=1000", *overrides])
-    cfg.max_steps = None  # one pass over this task's questions, whatever the demo's P2 stops at
+    keep = {"synth_caption", *(f"synth_qa_{task}" for task in tasks)}
+    cfg.datasets = [d for d in cfg.datasets if d.split(":")[0] in keep] if weighed else ["synth_qa", "synth_caption"]
+    share = shares(cfg.datasets, tasks)
+    cfg.max_steps = None  # one pass over the questions, whatever the demo's P2 stops at
     train(cfg)
     train_s = time.perf_counter() - t0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -121,11 +141,12 @@ def task_curve(task: str, init: Path, work: Path, questions: int, test: int, eva
     models += [(int(c.name.split("-")[1]), lambda c=c: checkpoint_model(init, c))
                for c in sorted((run / "checkpoints").glob("step-*"))]
     models.append((total, lambda: Ovis.from_pretrained(run / "final").eval()))
-    points = [{"step": step, **score(load(), processor, items)} for step, load in models]
-    for p in points:
-        p["questions_seen"] = round(p["step"] / total * questions)
-        p["train_s"] = round(p["step"] / total * train_s, 1)
-    return points
+    curves: dict[str, list] = {task: [] for task in tasks}
+    for step, load in models:
+        for task, point in score(load(), processor, items).items():
+            curves[task].append({"step": step, **point, "questions_seen": round(step / total * questions * share[task]),
+                                 "train_s": round(step / total * train_s, 1)})
+    return curves
 
 
 def render(results: dict) -> str:
@@ -149,6 +170,9 @@ def plot(results: dict, path: Path) -> None:
         key = "mean_iou" if task == "grounding" else "accuracy"
         line, = ax.plot([p["questions_seen"] for p in points], [p[key] for p in points], marker="o",
                         label=f"{task} ({'mean IoU' if key == 'mean_iou' else 'accuracy'})")
+        if "numbers_accuracy" in points[0]:  # the OCR-digit target is on the numbers
+            ax.plot([p["questions_seen"] for p in points], [p["numbers_accuracy"] for p in points], marker=".",
+                    linestyle="--", color=line.get_color(), label=f"{task} (numbers only)")
         if task in TARGETS:
             ax.axhline(TARGETS[task], color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("training questions seen (one task alone)")
@@ -171,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test", type=int, default=200, help="held-out questions per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grids", action="store_true", help=f"draw the scenes as one-token grids ({', '.join(ON_GRIDS)})")
+    ap.add_argument("--together", action="store_true",
+                    help="train the tasks in one run, weighed as the demo's P2 weighs them, instead of each alone")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "curves")
     ap.add_argument("--out", default="demo_curves", help="name of the result files in benchmarks/results")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the P2 recipe, e.g. train_modules=...")
@@ -181,12 +207,14 @@ def main(argv: list[str] | None = None) -> None:
                          f"{', '.join(sorted(set(tasks) - set(ON_GRIDS)))}")
     init = p1_checkpoint(args.run, args.init)
     results = {"init": str(init), "questions": args.questions, "test": args.test, "threads": torch.get_num_threads(),
-               "overrides": args.overrides, "grids": args.grids, "curves": {}}
-    for task in tasks:
+               "overrides": args.overrides, "grids": args.grids, "together": args.together, "curves": {}}
+    runs = [(tasks, args.work / "together")] if args.together else [([task], args.work / task) for task in tasks]
+    for run_tasks, work in runs:
         with on_grids() if args.grids else contextlib.nullcontext():
-            results["curves"][task] = task_curve(task, init, args.work, args.questions, args.test, args.eval_every,
-                                                 args.seed, args.overrides)
-        print(render({"curves": {task: results["curves"][task]}}), flush=True)
+            curves = task_curves(run_tasks, init, work, args.questions, args.test, args.eval_every, args.seed,
+                                 args.overrides, weighed=args.together)
+        results["curves"].update(curves)
+        print(render({"curves": curves}), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / f"{args.out}.png")

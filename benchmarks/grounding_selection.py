@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from demo_curves import PIXELS, p1_checkpoint, task_curve  # noqa: E402
+from demo_curves import PIXELS, p1_checkpoint, task_curves  # noqa: E402
 
 from ovis25.grounding import Box, parse_boxes  # noqa: E402
 
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         world.TASKS["grounding"] = grounding_with(variant)  # the world builder draws from TASKS
         try:
             every = 150 if variant in PLACE_VARIANTS else args.questions  # short answers: a curve is cheap
-            points = task_curve("grounding", init, args.work / variant, args.questions, 200, every, 0,
-                                args.overrides)
+            points = task_curves(["grounding"], init, args.work / variant / "grounding", args.questions, 200,
+                                 every, 0, args.overrides)["grounding"]
         finally:
             world.TASKS["grounding"] = demo_task
         final = args.work / variant / "grounding" / "run" / "final"

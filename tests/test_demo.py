@@ -463,3 +463,30 @@ def test_demo_evaluates_each_kind_of_media_at_the_budget_its_recipes_train_with(
         assert pixel_budgets(load_recipe(RECIPES / f"{phase}.toml")) == BUDGETS, phase
     p1 = pixel_budgets(load_recipe(RECIPES / "p1.toml"))  # captions: one image each
     assert p1.for_kind("single_image") == BUDGETS.for_kind("single_image")
+
+
+def test_demo_curves_train_tasks_together_weighed_as_the_demos_p2(tmp_path, monkeypatch):
+    """demo_curves.py --together: one run on a world of the tasks and their captions, each task drawn as the demo's
+    P2 weighs it (spatial a quarter of its questions), every checkpoint scored per task; the weights are read from
+    the recipe."""
+    from conftest import model_dir
+
+    assert demo_curves.shares(["synth_caption", "synth_qa_count", "synth_qa_spatial:0.25"], ["count", "spatial"]) \
+        == {"count": 1.0, "spatial": 0.25}
+    monkeypatch.setattr(demo_curves, "RESULTS", tmp_path / "results")
+    demo_curves.main(["--together", "--tasks", "count,spatial", "--questions", "8", "--test", "2", "--eval-every",
+                      "1", "--init", str(model_dir()), "--work", str(tmp_path / "work"), "--out", "t",
+                      "max_tokens=256", "progress=false"])
+    results = json.loads((tmp_path / "results" / "t.json").read_text())
+    assert results["together"] and set(results["curves"]) == {"count", "spatial"}
+    run = tmp_path / "work" / "together" / "run"
+    assert (run / "final" / "config.json").exists() and not (tmp_path / "work" / "count").exists()
+    count, spatial = results["curves"]["count"], results["curves"]["spatial"]
+    steps = [p["step"] for p in count]
+    assert steps == [p["step"] for p in spatial] and steps[0] == 0 and len(steps) >= 3
+    assert [p["questions_seen"] for p in (count[-1], spatial[-1])] == [8, 2]  # all of count's, a quarter of spatial's
+    assert all(p["n"] == 2 for p in count + spatial)
+    world = tmp_path / "work" / "together" / "world"
+    captions = json.loads((world / json.loads((world / "datainfo.json").read_text())["synth_caption"]["meta_file"])
+                          .read_text())
+    assert len(captions) == 2  # 400 per 3000 questions, as in the demo's world: one per task here

@@ -175,10 +175,12 @@ def plot(results: dict, path: Path) -> None:
                     linestyle="--", color=line.get_color(), label=f"{task} (numbers only)")
         if task in TARGETS:
             ax.axhline(TARGETS[task], color=line.get_color(), linestyle=":", linewidth=1)
-    ax.set_xlabel("training questions seen (one task alone)")
+    together = results.get("together")
+    ax.set_xlabel(f"training questions seen ({'of each task, all in one run' if together else 'one task alone'})")
     ax.set_ylabel("held-out score")
     ax.set_ylim(0, 1)
-    ax.set_title("Tiny Ovis, one task at a time (dotted: the issue's targets)")
+    ax.set_title(f"Tiny Ovis, {'the tasks together' if together else 'one task at a time'}"
+                 " (dotted: the issue's targets)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,4 +1,4 @@
-"""Learning curves of the demo's tiny Ovis on one synthetic task at a time: can this size reach the targets?
+"""Learning curves of the demo's tiny Ovis on the synthetic tasks, alone or together: can this size reach the targets?
 
     python benchmarks/demo_curves.py [--run runs/demo | --init DIR] [--tasks count,attribute,ocr,chart,grounding]
                                      [--questions 12000] [--eval-every 150] [--test 200] [--grids] [--together]

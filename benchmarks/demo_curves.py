@@ -127,8 +127,11 @@ def task_curves(tasks: list[str], init: Path, work: Path, questions: int, test: 
     cfg = load_recipe(ROOT / "recipes" / "tiny" / "p2.toml", [
         f'init="{init}"', f'out_dir="{run}"', f'datainfo="{world / "datainfo.json"}"', f"seed={seed}", "epochs=1",
         f"save_every={eval_every}", "keep_last=1000", *overrides])
-    keep = {"synth_caption", *(f"synth_qa_{task}" for task in tasks)}
-    cfg.datasets = [d for d in cfg.datasets if d.split(":")[0] in keep] if weighed else ["synth_qa", "synth_caption"]
+    if weighed:  # the recipe's own list and weights, for these tasks
+        keep = {"synth_caption", *(f"synth_qa_{task}" for task in tasks)}
+        cfg.datasets = [d for d in cfg.datasets if d.split(":")[0] in keep]
+    else:
+        cfg.datasets = ["synth_qa", "synth_caption"]
     share = shares(cfg.datasets, tasks)
     cfg.max_steps = None  # one pass over the questions, whatever the demo's P2 stops at
     train(cfg)

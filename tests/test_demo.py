@@ -455,12 +455,39 @@ def test_each_task_is_a_dataset_of_its_own_and_p2_weighs_them(tmp_path):
     assert ratios["synth_qa_spatial"] == ratios["synth_qa_grounding"] == 0.25 and ratios["synth_qa_count"] == 1.0
 
 
+def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vision_pretraining(tmp_path):
+    """--preset long: its own P2 (every task's questions once, the world's sizes weighing them) and P3 (about as many
+    questions as the tiny P3), the tiny recipes for the other phases, P0v twice as long; each change shows in the
+    fingerprints of the phases it reaches."""
+    from ovis25.demo import phase_fingerprints, recipe, vision_config
+    from ovis25.synth.build import PRESETS
+    from ovis25.train import load_recipe
+
+    assert [recipe("long", p).parent.name for p in TRAIN_PHASES if p != "p0v"] == \
+        ["tiny", "tiny", "long", "long", "tiny", "tiny"]
+    assert recipe("ci", "p2") == recipe("tiny", "p2")
+    assert vision_config("long", {}).steps == 2 * vision_config("tiny", {}).steps
+    assert vision_config("long", {"max_steps": 3}).steps == 3  # an override still wins
+    tiny, long = phase_fingerprints("tiny", 0, {}, {}), phase_fingerprints("long", 0, {}, {})
+    assert all(tiny[p] != long[p] for p in TRAIN_PHASES)
+    p2 = load_recipe(recipe("long", "p2"))
+    assert p2.epochs == 1 and p2.max_steps is None
+    tasks = PRESETS["long"]["qa"]
+    assert {d.split(":")[0] for d in p2.datasets} == {"synth_caption", *(f"synth_qa_{t}" for t in tasks)}
+    assert all(":" not in d for d in p2.datasets)  # the sizes weigh the tasks
+    p3_questions = {preset: sum(PRESETS[preset]["qa"].values()) if preset == "long" else 8 * PRESETS[preset]["qa"]
+                    for preset in ("tiny", "long")}
+    ratio = {preset: float(load_recipe(recipe(preset, "p3")).datasets[0].split(":")[1]) for preset in p3_questions}
+    assert abs(ratio["long"] * p3_questions["long"] / (ratio["tiny"] * p3_questions["tiny"]) - 1) < 0.05
+
+
 def test_demo_evaluates_each_kind_of_media_at_the_budget_its_recipes_train_with():
-    from ovis25.demo import BUDGETS, RECIPES
+    from ovis25.demo import BUDGETS, RECIPES, recipe
     from ovis25.train import load_recipe
     from ovis25.train.trainer import pixel_budgets
     for phase in ("p2", "p3", "p4", "p5"):
         assert pixel_budgets(load_recipe(RECIPES / f"{phase}.toml")) == BUDGETS, phase
+        assert pixel_budgets(load_recipe(recipe("long", phase))) == BUDGETS, phase
     p1 = pixel_budgets(load_recipe(RECIPES / "p1.toml"))  # captions: one image each
     assert p1.for_kind("single_image") == BUDGETS.for_kind("single_image")
 

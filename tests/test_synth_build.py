@@ -78,6 +78,23 @@ def test_a_task_subset_holds_the_same_samples_as_the_full_world(world, tmp_path)
         build_world(tmp_path / "bad", sizes="ci", tasks=["count", "chess"])
 
 
+def test_a_split_can_hold_a_different_number_of_samples_per_task(world, tmp_path):
+    """{split: {task: n}}: each task's stream gives its own number (its first n samples, as in any world); tasks
+    left out of the dict get none; an unknown task is named."""
+    sizes = {"caption": 1, "qa": {"ocr": 6, "count": 1}, "test": 1}
+    manifest = build_world(tmp_path / "sized", seed=0, sizes=sizes, tokenizer=False)
+    assert manifest["counts"]["qa"] == {"count": 1, "ocr": 6} and manifest["sizes"]["qa"] == sizes["qa"]
+    qa = {s["id"]: s for s in read(tmp_path / "sized", "meta/qa.json")}
+    assert {s["task"] for s in qa.values()} == {"ocr", "count"}
+    full = {s["id"]: s for s in read(world, "meta/qa.json")}  # the ci world's 4 per task: the same first ones
+    shared = sorted(set(full) & set(qa))
+    assert shared == ["qa-count-00000"] + [f"qa-ocr-{i:05d}" for i in range(4)]
+    assert all(qa[i] == full[i] for i in shared)
+    assert PRESETS["long"]["qa"]["ocr"] > PRESETS["tiny"]["qa"] and set(PRESETS["long"]["qa"]) == set(TASKS)
+    with pytest.raises(ValueError, match=r"sizes\['qa'\]: unknown task\(s\) \['chess'\]"):
+        build_world(tmp_path / "bad", sizes={"qa": {"chess": 1}})
+
+
 def test_manifest_and_datainfo(world):
     manifest = json.loads((world / "world.json").read_text())
     sizes = PRESETS["ci"]

@@ -36,9 +36,14 @@ from .world import TASKS, Sample, misled_thinking, question_category, thinking, 
 
 SPLITS = ("caption", "qa", "think", "dpo", "grpo", "test")
 CAPTIONED = ("count", "attribute", "spatial", "ocr", "chart", "grounding")  # single-image tasks
-PRESETS = {  # samples per task and split
+PRESETS = {  # samples per task and split ({task: samples} where tasks differ)
     "ci": {"caption": 3, "qa": 4, "think": 3, "dpo": 2, "grpo": 2, "test": 3},
     "tiny": {"caption": 400, "qa": 3000, "think": 120, "dpo": 300, "grpo": 300, "test": 200},
+    # `make demo-long`: P2 passes once over fresh questions, as many per task as its target needs alone
+    # (DEMO.md, "How far this size goes"); spatial and grounding, which no budget taught, as many as the tiny P2 sees
+    "long": {"caption": 400, "think": 120, "dpo": 300, "grpo": 300, "test": 200,
+             "qa": {"count": 40000, "attribute": 30000, "spatial": 6000, "ocr": 80000, "chart": 50000,
+                    "grounding": 6000, "multi_image": 10000, "video": 10000}},
 }
 IMAGE_DIR = "images"
 CAPTION_TEMPLATE = "<image>\nDescribe the image."
@@ -57,7 +62,8 @@ PHASES = {"p1": ["synth_caption"], "p2": ["synth_qa"], "p3": ["synth_qa", "synth
           "p5": "grpo.jsonl"}
 
 
-def resolve_sizes(sizes: dict | str) -> dict[str, int]:
+def resolve_sizes(sizes: dict | str) -> dict[str, int | dict[str, int]]:
+    """A preset name or {split: samples per task, or {task: samples}} -> every split's size."""
     if isinstance(sizes, str):
         if sizes not in PRESETS:
             raise ValueError(f"unknown preset {sizes!r}; choose one of {sorted(PRESETS)}")
@@ -65,7 +71,23 @@ def resolve_sizes(sizes: dict | str) -> dict[str, int]:
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise ValueError(f"sizes: unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
-    return {split: int(sizes.get(split, 0)) for split in SPLITS}
+    resolved = {}
+    for split in SPLITS:
+        size = sizes.get(split, 0)
+        if isinstance(size, dict):
+            bad = sorted(set(size) - set(TASKS))
+            if bad:
+                raise ValueError(f"sizes[{split!r}]: unknown task(s) {bad}; tasks are {list(TASKS)}")
+            resolved[split] = {task: int(n) for task, n in size.items()}
+        else:
+            resolved[split] = int(size)
+    return resolved
+
+
+def split_size(sizes: dict, split: str, task: str) -> int:
+    """Samples of one task in one split (a task a per-task size leaves out has none)."""
+    size = sizes[split]
+    return size.get(task, 0) if isinstance(size, dict) else size
 
 
 def task_rng(seed: int, split: str, task: str) -> random.Random:
@@ -175,17 +197,17 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", 
     shutil.rmtree(tmp, ignore_errors=True)
 
     plan = [(split, task) for split in SPLITS for task in tasks
-            if sizes[split] and (split != "caption" or task in CAPTIONED)]
+            if split_size(sizes, split, task) and (split != "caption" or task in CAPTIONED)]
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     n_images = 0
-    with tqdm(total=sum(sizes[s] for s, _ in plan), desc="synthetic world", unit="sample",
+    with tqdm(total=sum(split_size(sizes, s, t) for s, t in plan), desc="synthetic world", unit="sample",
               disable=not progress) as bar:
         train_images: set[bytes] = set()
         # the test streams go last: none of their images may equal a training image
         for stage in ([p for p in plan if p[0] != "test"], [p for p in plan if p[0] == "test"]):
             avoid = frozenset(train_images)
-            jobs = [(tmp, seed, split, task, sizes[split], avoid if split == "test" else frozenset())
+            jobs = [(tmp, seed, split, task, split_size(sizes, split, task), avoid if split == "test" else frozenset())
                     for split, task in stage]
             for (split, task), (part, keys, images) in zip(stage, run_parts(jobs, workers)):
                 rows[split] += part

@@ -474,7 +474,16 @@ def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vis
     assert p2.epochs == 1 and p2.max_steps is None
     tasks = PRESETS["long"]["qa"]
     assert {d.split(":")[0] for d in p2.datasets} == {"synth_caption", *(f"synth_qa_{t}" for t in tasks)}
-    assert all(":" not in d for d in p2.datasets)  # the sizes weigh the tasks
+    assert all(":" not in d for d in p2.datasets if d.startswith("synth_qa_"))  # the sizes weigh the tasks
+
+    def caption_share(preset: str) -> float:  # of the samples P2 draws
+        sizes = PRESETS[preset]
+        entries = ((d.split(":") + ["1"])[:2] for d in load_recipe(recipe(preset, "p2")).datasets)
+        weights = {name: float(w) for name, w in entries}
+        captions = weights["synth_caption"] * sizes["caption"] * len(CAPTIONED)
+        qa = sum(weights[f"synth_qa_{t}"] * (sizes["qa"][t] if preset == "long" else sizes["qa"]) for t in tasks)
+        return captions / (captions + qa)
+    assert abs(caption_share("long") / caption_share("tiny") - 1) < 0.05
     p3_questions = {preset: sum(PRESETS[preset]["qa"].values()) if preset == "long" else 8 * PRESETS[preset]["qa"]
                     for preset in ("tiny", "long")}
     ratio = {preset: float(load_recipe(recipe(preset, "p3")).datasets[0].split(":")[1]) for preset in p3_questions}

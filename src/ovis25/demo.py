@@ -60,9 +60,9 @@ GREEDY_ITEMS = 50  # test items per task for the greedy accuracy tables (the sam
 REWARD_SAMPLES = 4  # sampled answers per held-out question when measuring GRPO's reward
 ANSWER_TOKENS = {False: 32, True: 160}  # new tokens per evaluated answer, thinking off / on (trace first)
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
-# the whole tiny run (world to report) over P0's time, in fresh runs on three machines: 919/82, 964/93, 1887/159;
-# with bfloat16 products (autocast), 1017/91
-RUN_OVER_P0 = 11
+# the whole run (world to report) over P0's time. tiny, in fresh runs on three machines: 919/82, 964/93, 1887/159;
+# with bfloat16 products (autocast), 1017/91. long, bfloat16: 4198/100
+RUN_OVER_P0 = {"tiny": 11, "long": 42}
 FINGERPRINT = "inputs.sha256"  # in each phase's directory: the phase_fingerprints() entry it was trained from
 
 
@@ -294,9 +294,9 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
             train(load_recipe(recipe(preset, phase), keys))
         if trained:
             timings[phase] = time.perf_counter() - t0
-            if phase == "p0" and preset == "tiny":  # machines differ 2x in speed: say what to expect here
+            if phase == "p0" and preset in RUN_OVER_P0:  # machines differ 2x in speed: say what to expect here
                 log.info("P0 took %.0f s: on this machine the whole demo should take about %.0f minutes",
-                         timings[phase], RUN_OVER_P0 * timings[phase] / 60)
+                         timings[phase], RUN_OVER_P0[preset] * timings[phase] / 60)
         t0 = time.perf_counter()
         if phase not in ("p0", "p0v"):
             evaluate_phase(final, world, phase, phase >= THINKING_FROM, eval_limit, results, run)
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="demo")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "long", "ci"],
-                    help="tiny: the 15-minute demo; long: P2 on 232000 fresh questions (about an hour)")
+                    help="tiny: the 15-minute demo; long: P2 on 232000 fresh questions (about 70 minutes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=GREEDY_ITEMS,
                     help="greedy accuracy on at most this many test items per task (the sampled reward uses all)")

@@ -460,7 +460,7 @@ def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vis
     questions as the tiny P3), the tiny recipes for the other phases, P0v twice as long; each change shows in the
     fingerprints of the phases it reaches."""
     from ovis25.demo import phase_fingerprints, recipe, vision_config
-    from ovis25.synth.build import PRESETS
+    from ovis25.synth.build import PRESETS, split_size
     from ovis25.train import load_recipe
 
     assert [recipe("long", p).parent.name for p in TRAIN_PHASES if p != "p0v"] == \
@@ -481,11 +481,10 @@ def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vis
         entries = ((d.split(":") + ["1"])[:2] for d in load_recipe(recipe(preset, "p2")).datasets)
         weights = {name: float(w) for name, w in entries}
         captions = weights["synth_caption"] * sizes["caption"] * len(CAPTIONED)
-        qa = sum(weights[f"synth_qa_{t}"] * (sizes["qa"][t] if preset == "long" else sizes["qa"]) for t in tasks)
+        qa = sum(weights[f"synth_qa_{t}"] * split_size(sizes, "qa", t) for t in tasks)
         return captions / (captions + qa)
     assert abs(caption_share("long") / caption_share("tiny") - 1) < 0.05
-    p3_questions = {preset: sum(PRESETS[preset]["qa"].values()) if preset == "long" else 8 * PRESETS[preset]["qa"]
-                    for preset in ("tiny", "long")}
+    p3_questions = {preset: sum(split_size(PRESETS[preset], "qa", t) for t in tasks) for preset in ("tiny", "long")}
     ratio = {preset: float(load_recipe(recipe(preset, "p3")).datasets[0].split(":")[1]) for preset in p3_questions}
     assert abs(ratio["long"] * p3_questions["long"] / (ratio["tiny"] * p3_questions["tiny"]) - 1) < 0.05
 

@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 import sys
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -456,15 +457,15 @@ def test_each_task_is_a_dataset_of_its_own_and_p2_weighs_them(tmp_path):
 
 
 def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vision_pretraining(tmp_path):
-    """--preset long: its own P2 (every task's questions once, the world's sizes weighing them) and P3 (about as many
-    questions as the tiny P3), the tiny recipes for the other phases, P0v twice as long; each change shows in the
-    fingerprints of the phases it reaches."""
+    """--preset long: its own P2 (every task's questions once, the world's sizes weighing them), P3 (about as many
+    questions as the tiny P3) and P4 (the tiny one exported nearer P3), the tiny recipes for the other phases, P0v
+    twice as long; each change shows in the fingerprints of the phases it reaches."""
     from ovis25.demo import phase_fingerprints, recipe, vision_config
     from ovis25.synth.build import PRESETS, split_size
     from ovis25.train import load_recipe
 
     assert [recipe("long", p).parent.name for p in TRAIN_PHASES if p != "p0v"] == \
-        ["tiny", "tiny", "long", "long", "tiny", "tiny"]
+        ["tiny", "tiny", "long", "long", "long", "tiny"]
     assert recipe("ci", "p2") == recipe("tiny", "p2")
     assert vision_config("long", {}).steps == 2 * vision_config("tiny", {}).steps
     assert vision_config("long", {"max_steps": 3}).steps == 3  # an override still wins
@@ -487,6 +488,9 @@ def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vis
     p3_questions = {preset: sum(split_size(PRESETS[preset], "qa", t) for t in tasks) for preset in ("tiny", "long")}
     ratio = {preset: float(load_recipe(recipe(preset, "p3")).datasets[0].split(":")[1]) for preset in p3_questions}
     assert abs(ratio["long"] * p3_questions["long"] / (ratio["tiny"] * p3_questions["tiny"]) - 1) < 0.05
+    p4 = {preset: load_recipe(recipe(preset, "p4")) for preset in ("tiny", "long")}
+    assert p4["long"].merge_with_init > p4["tiny"].merge_with_init
+    assert replace(p4["long"], merge_with_init=p4["tiny"].merge_with_init) == p4["tiny"]
 
 
 def test_demo_evaluates_each_kind_of_media_at_the_budget_its_recipes_train_with():

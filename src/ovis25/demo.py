@@ -14,7 +14,7 @@ Run again, it resumes: finished phases are kept. A phase whose recipe or setting
 (and so every later phase) is refused unless `--retrain`, which trains those again; another seed or preset
 needs another `--name`.
 
-Phases (recipes in recipes/tiny/; `--preset long` takes P2's and P3's from recipes/long/): P0 language
+Phases (recipes in recipes/tiny/; `--preset long` takes P2's, P3's and P4's from recipes/long/): P0 language
 pretraining of the from-scratch LLM on the world's text and P0v vision pretraining of the from-scratch visual
 tokenizer on region labels (a real run starts from a pretrained Qwen3 and SigLIP2 instead), P1 VET pretraining
 on captions, P2 multimodal pretraining, P3 instruction tuning with thinking traces, P4 DPO, P5 GRPO.

@@ -97,8 +97,9 @@ def on_grids():
 
 def shares(datasets: list[str], tasks: list[str]) -> dict[str, float]:
     """Each task's share of its questions in a recipe's dataset list (`synth_qa_spatial:0.25` -> 0.25)."""
-    weights = dict((entry.split(":") + ["1"])[:2] for entry in datasets)
-    return {task: float(weights.get(f"synth_qa_{task}", 1)) for task in tasks}
+    from ovis25.train.data import dataset_entry
+    weights = dict(map(dataset_entry, datasets))
+    return {task: weights.get(f"synth_qa_{task}", 1.0) for task in tasks}
 
 
 def task_curves(tasks: list[str], init: Path, work: Path, questions: int, test: int, eval_every: int, seed: int,

@@ -463,6 +463,7 @@ def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vis
     from ovis25.demo import phase_fingerprints, recipe, vision_config
     from ovis25.synth.build import PRESETS, split_size
     from ovis25.train import load_recipe
+    from ovis25.train.data import dataset_entry
 
     assert [recipe("long", p).parent.name for p in TRAIN_PHASES if p != "p0v"] == \
         ["tiny", "tiny", "long", "long", "long", "tiny"]
@@ -479,14 +480,13 @@ def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vis
 
     def caption_share(preset: str) -> float:  # of the samples P2 draws
         sizes = PRESETS[preset]
-        entries = ((d.split(":") + ["1"])[:2] for d in load_recipe(recipe(preset, "p2")).datasets)
-        weights = {name: float(w) for name, w in entries}
+        weights = dict(map(dataset_entry, load_recipe(recipe(preset, "p2")).datasets))
         captions = weights["synth_caption"] * sizes["caption"] * len(CAPTIONED)
         qa = sum(weights[f"synth_qa_{t}"] * split_size(sizes, "qa", t) for t in tasks)
         return captions / (captions + qa)
     assert abs(caption_share("long") / caption_share("tiny") - 1) < 0.05
     p3_questions = {preset: sum(split_size(PRESETS[preset], "qa", t) for t in tasks) for preset in ("tiny", "long")}
-    ratio = {preset: float(load_recipe(recipe(preset, "p3")).datasets[0].split(":")[1]) for preset in p3_questions}
+    ratio = {preset: dataset_entry(load_recipe(recipe(preset, "p3")).datasets[0])[1] for preset in p3_questions}
     assert abs(ratio["long"] * p3_questions["long"] / (ratio["tiny"] * p3_questions["tiny"]) - 1) < 0.05
     p4 = {preset: load_recipe(recipe(preset, "p4")) for preset in ("tiny", "long")}
     assert p4["long"].merge_with_init > p4["tiny"].merge_with_init

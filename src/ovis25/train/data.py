@@ -48,6 +48,12 @@ class DatasetSpec:
     ratio: float = 1.0  # share of the mixture (samples drawn with replacement when > the dataset size)
 
 
+def dataset_entry(entry: str) -> tuple[str, float]:
+    """One of a recipe's `datasets` entries, `name` or `name:ratio`, as (name, mixture weight; 1 when not given)."""
+    name, _, ratio = entry.partition(":")
+    return name, float(ratio) if ratio else 1.0
+
+
 def load_datainfo(path: str | Path, names: list[str] | None = None,
                   formats: tuple[str, ...] = ("conversation", "caption")) -> list[DatasetSpec]:
     """Datasets from a datainfo JSON; `names` entries may be `name` or `name:ratio` (mixture weight);
@@ -57,10 +63,9 @@ def load_datainfo(path: str | Path, names: list[str] | None = None,
         info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"datainfo {path}: cannot read ({e})") from None
-    wanted = [n.split(":") for n in names] if names else [[n] for n in info]
+    wanted = [dataset_entry(n) for n in names] if names else [(n, 1.0) for n in info]
     specs = []
-    for item in wanted:
-        name, ratio = item[0], float(item[1]) if len(item) > 1 else 1.0
+    for name, ratio in wanted:
         if name not in info:
             raise ValueError(f"datainfo {path}: no dataset named {name!r} (have {sorted(info)})")
         entry = info[name]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ovis25.synth import PRESETS, TASKS, build_world
 from ovis25.synth.__main__ import main
-from ovis25.synth.build import CAPTIONED, PAIR_KINDS, pair_kind, task_rng
+from ovis25.synth.build import CAPTIONED, PAIR_KINDS, build_heldout, pair_kind, task_rng
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -206,14 +206,15 @@ def test_files_hold_what_the_generators_drew(world):
                 assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
 
 
-def test_held_out_images_never_seen_in_training(world):
-    def digest(path: Path) -> str:
-        image = Image.open(path)
-        return hashlib.sha1(repr(image.size).encode() + image.tobytes()).hexdigest()
+def sha1(path: Path) -> str:
+    image = Image.open(path)
+    return hashlib.sha1(repr(image.size).encode() + image.tobytes()).hexdigest()
 
+
+def test_held_out_images_never_seen_in_training(world):
     train, test = set(), set()
     for where, row in all_rows(world):
-        (test if where == "test" else train).update(digest(p) for p in visuals(world, row))
+        (test if where == "test" else train).update(sha1(p) for p in visuals(world, row))
     assert test and not test & train
 
 
@@ -223,3 +224,37 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
         build_world(tmp_path, sizes="ci")
     with pytest.raises(ValueError, match="unknown preset"):
         build_world(tmp_path / "w", sizes="huge")
+
+
+def test_a_larger_held_out_split_extends_the_worlds_own(world, tmp_path):
+    """Its first items per task are the world's test items, byte for byte; the rest are new, none of them a
+    training image, and the world is left untouched."""
+    before = files(world)
+    out = tmp_path / "heldout"
+    main([str(out), "--heldout-of", str(world), "--per-task", "7", "--tasks", "count", "video"])
+    assert files(world) == before
+    own = {r["id"]: r for r in read(world, "test.jsonl")}
+    rows = read(out, "test.jsonl")
+    assert Counter(r["task"] for r in rows) == {"count": 7, "video": 7}
+    n = PRESETS["ci"]["test"]
+    first = [r for r in rows if int(r["id"].rsplit("-", 1)[1]) < n]
+    assert len(first) == 2 * n and all(r == own[r["id"]] for r in first)
+    for r in first:
+        assert [p.read_bytes() for p in visuals(out, r)] == [p.read_bytes() for p in visuals(world, r)]
+    train = {digest for where, row in all_rows(world) if where != "test" for digest in map(sha1, visuals(world, row))}
+    new = {digest for r in rows if r not in first for digest in map(sha1, visuals(out, r))}
+    assert len(new) >= 8 and not new & train
+    assert json.loads((out / "heldout.json").read_text())["counts"] == {"count": 7, "video": 7}
+
+
+def test_a_held_out_split_refuses_bad_requests(world, tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "h"), "--heldout-of", str(world)])  # no --per-task
+    with pytest.raises(ValueError, match="unknown or none"):
+        build_heldout(world, tmp_path / "h", 5, tasks=["juggling"])
+    with pytest.raises(ValueError, match="beside the world"):
+        build_heldout(world, world, 5)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_heldout(world, tmp_path / "mine", 5)

@@ -177,6 +177,62 @@ def run_parts(jobs: list[tuple], workers: int) -> Iterator[tuple[list[dict], set
         yield from (future.result() for future in [pool.submit(build_part, *job) for job in jobs])
 
 
+def visual_paths(row: dict) -> list[str]:
+    """A record's image paths (relative to the world's image folder), frames of a video included."""
+    paths = row.get("video_frames") or row.get("image") or []
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+def training_fingerprints(world_dir: Path, progress: bool = False) -> set[bytes]:
+    """The fingerprints of every image a built world trains on (every split but the held-out one)."""
+    manifest = json.loads((world_dir / "world.json").read_text())
+    rows = [row for spec in manifest["datasets"].values()
+            for row in json.loads((world_dir / spec["meta_file"]).read_text())]
+    rows += [json.loads(line) for split, name in manifest["files"].items() if split != "test"
+             for line in (world_dir / name).read_text().splitlines()]
+    paths = sorted({p for row in rows for p in visual_paths(row)})
+    root = world_dir / manifest["image_dir"]
+    return {fingerprint(Image.open(root / p)) for p in tqdm(paths, desc="training images", disable=not progress)}
+
+
+def build_heldout(world_dir: str | Path, out_dir: str | Path, per_task: int, tasks: Sequence[str] | None = None,
+                  progress: bool = False, workers: int | None = None) -> dict:
+    """A larger held-out split for a built world: its test streams drawn on to `per_task` items a task, so the
+    world's own test items come first, unchanged, and no new image equals a training image either. Written as
+    `out_dir/test.jsonl` with images under `out_dir/images` (what `ovis25 eval --suite synth --world out_dir`
+    reads) and `out_dir/heldout.json`; the world itself, its tokenizer included, is left as it is."""
+    world, out = Path(world_dir), Path(out_dir)
+    manifest = json.loads((world / "world.json").read_text())
+    tasks = list(manifest["tasks"] if tasks is None else tasks)
+    unknown = [t for t in tasks if t not in manifest["tasks"]]
+    if unknown or not tasks:
+        raise ValueError(f"tasks: unknown or none {unknown or tasks}; {world} holds {manifest['tasks']}")
+    if per_task < 1:
+        raise ValueError(f"per_task must be at least 1, got {per_task}")
+    if out.resolve() == world.resolve():
+        raise ValueError(f"{out}: write the held-out split beside the world, not over it")
+    if out.exists() and any(out.iterdir()) and not (out / "heldout.json").exists():
+        raise FileExistsError(f"{out}: not empty and not a held-out split; refusing to replace it")
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    avoid = frozenset(training_fingerprints(world, progress))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows, counts = [], {}
+    jobs = [(tmp, manifest["seed"], "test", task, per_task, avoid) for task in tasks]
+    with tqdm(total=per_task * len(tasks), desc="held-out split", unit="sample", disable=not progress) as bar:
+        for task, (part, _, _) in zip(tasks, run_parts(jobs, workers)):
+            rows += part
+            counts[task] = len(part)
+            bar.update(len(part))
+    write_jsonl(tmp / "test.jsonl", rows)
+    info = {"world": str(world), "seed": manifest["seed"], "per_task": per_task, "tasks": tasks, "counts": counts,
+            "files": {"test": "test.jsonl"}, "image_dir": IMAGE_DIR}
+    write_json(tmp / "heldout.json", info)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return info
+
+
 def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", tokenizer: bool = True,
                 progress: bool = False, tasks: Sequence[str] | None = None, workers: int | None = None) -> dict:
     """Generate every split, write it under `out_dir` (replacing a previous world there) and return the

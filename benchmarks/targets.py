@@ -6,9 +6,9 @@
 The world's own test split has 200 questions a task, so an accuracy near 0.9 carries a standard error of
 0.02 (0.027 on the 120-odd numbers among the OCR questions): 0.893 and 0.9 cannot be told apart. This draws
 the world's test streams on to `--per-task` questions (`ovis25.synth.build_heldout`, written once beside the
-world as heldout<N>/; its first 200 are the world's own), answers them greedily, thinking off, at the budgets
-the recipes train with, and scores each target with its standard error. "met" is the point estimate at or
-above the target; "clearly" when the whole 95% interval is.
+world as heldout<N>/; its first items are the world's own test split, also scored apart), answers them
+greedily, thinking off, at the budgets the recipes train with, and scores each target with its standard
+error. "met" is the point estimate at or above the target; "clearly" when the whole 95% interval is.
 
 Prints a table and writes benchmarks/results/NAME.json (default targets).
 """
@@ -25,7 +25,7 @@ import torch
 from ovis25.chat import Chat
 from ovis25.demo import ANSWER_TOKENS, BUDGETS
 from ovis25.eval import evaluate, load_items
-from ovis25.synth.build import build_heldout
+from ovis25.synth.build import build_heldout, split_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
@@ -35,25 +35,25 @@ RESULTS = ROOT / "benchmarks" / "results"
 # the issue's targets: name -> (task, category prefix or "" for the whole task, threshold)
 TARGETS = {"count": ("count", "", 0.9), "attribute": ("attribute", "", 0.9), "OCR digits": ("ocr", "number", 0.9),
            "chart": ("chart", "", 0.7)}
-FIRST = 200  # the world's own test split: the first items of each stream
 
 
 def item_index(item_id: str) -> int:
     return int(item_id.rsplit("-", 1)[1])
 
 
-def score_target(rows: list[dict], task: str, prefix: str, threshold: float) -> dict:
-    """Accuracy on a target's items with its standard error, and on the world's own first 200 items."""
+def score_target(rows: list[dict], task: str, prefix: str, threshold: float, own: int) -> dict:
+    """Accuracy on a target's items with its standard error, and on the first `own` items of the task (the
+    world's own test split)."""
     hits = [r["score"] for r in rows if r["task"] == task and r.get("category", "").startswith(prefix)]
     first = [r["score"] for r in rows if r["task"] == task and r.get("category", "").startswith(prefix)
-             and item_index(r["id"]) < FIRST]
+             and item_index(r["id"]) < own]
     if not hits:
         raise SystemExit(f"no held-out items for task {task!r}: build the split with it")
     p = sum(hits) / len(hits)
     se = math.sqrt(p * (1 - p) / len(hits))
     return {"accuracy": p, "n": len(hits), "se": se, "target": threshold, "met": p >= threshold,
             "clearly": p - 1.96 * se >= threshold, "clearly_short": p + 1.96 * se < threshold,
-            "first_200": sum(first) / len(first) if first else None, "first_200_n": len(first)}
+            "world_test": sum(first) / len(first) if first else None, "world_test_n": len(first)}
 
 
 def verdict(s: dict) -> str:
@@ -72,20 +72,22 @@ def main(argv: list[str] | None = None) -> None:
     heldout = args.world.parent / f"heldout{args.per_task}"
     if not (heldout / "heldout.json").exists():
         build_heldout(args.world, heldout, args.per_task, tasks, progress=True)
+    sizes = json.loads((args.world / "world.json").read_text())["sizes"]
     items = [it for it in load_items(heldout / "test.jsonl", heldout / "images") if it.task in tasks]
     results = {}
     for name, model_dir in models.items():
         chat = Chat.from_pretrained(model_dir, dtype=torch.float32)
         _, rows = evaluate(chat, items, False, max_new_tokens=ANSWER_TOKENS[False], budgets=BUDGETS)
-        results[name] = {"model": model_dir, **{t: score_target(rows, *spec) for t, spec in TARGETS.items()}}
+        results[name] = {"model": model_dir, **{t: score_target(rows, *spec, split_size(sizes, "test", spec[0]))
+                                                for t, spec in TARGETS.items()}}
         print(f"{name}: " + ", ".join(f"{t} {s['accuracy']:.3f}" for t, s in results[name].items() if t != "model"),
               flush=True)
 
     header = "| model | " + " | ".join(f"{t} >= {spec[2]}" for t, spec in TARGETS.items()) + " |"
     lines = [header, "|---" * (len(TARGETS) + 1) + "|"]
     for name, res in results.items():
-        cells = [f"{res[t]['accuracy']:.3f} +- {res[t]['se']:.3f} (n {res[t]['n']}; first 200: "
-                 f"{res[t]['first_200']:.3f}) {verdict(res[t])}" for t in TARGETS]
+        cells = [f"{res[t]['accuracy']:.3f} +- {res[t]['se']:.3f} (n {res[t]['n']}; the world's "
+                 f"{res[t]['world_test_n']}: {res[t]['world_test']:.3f}) {verdict(res[t])}" for t in TARGETS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     out = RESULTS / f"{args.out}.json"

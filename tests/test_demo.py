@@ -27,6 +27,7 @@ import context_reading  # noqa: E402  (benchmarks/context_reading.py)
 import demo_curves  # noqa: E402  (benchmarks/demo_curves.py)
 import grounding_selection  # noqa: E402  (benchmarks/grounding_selection.py)
 import recall  # noqa: E402  (benchmarks/recall.py)
+import targets  # noqa: E402  (benchmarks/targets.py)
 import text_lookup  # noqa: E402  (benchmarks/text_lookup.py)
 import token_oracle  # noqa: E402  (benchmarks/token_oracle.py)
 import weight_merge  # noqa: E402  (benchmarks/weight_merge.py)
@@ -54,7 +55,7 @@ def test_a_resumed_demo_refuses_phases_trained_from_other_settings(tmp_path):
         run_demo("ci", "ci", phase_overrides={"p4": {"lr": 1e-5}}, **args)
 
 
-def test_demo_pipeline_wiring(tmp_path):
+def test_demo_pipeline_wiring(tmp_path, monkeypatch):
     overrides = {"max_steps": 6, "max_tokens": 256, "epochs": 4, "progress": False}
     args = dict(overrides=overrides, eval_limit=2,
                 runs_dir=tmp_path, phase_overrides={"p5": {"grpo_prompts_per_step": 4, "grpo_group_size": 2,
@@ -91,6 +92,16 @@ def test_demo_pipeline_wiring(tmp_path):
         assert tasks, phase
         for task, s in tasks.items():
             assert 0 <= s["accuracy"] <= 1 and s["n"] > 0 and s["thinking"] == phase.endswith("+think"), (phase, task)
+    # the targets benchmark scores the final checkpoint on a larger held-out split, the world's own items first
+    monkeypatch.setattr(targets, "RESULTS", tmp_path)
+    targets.main(["--world", str(run / "world"), "--per-task", "5", "--models", f"final={run / 'final'}",
+                  "--out", "targets"])
+    scored = json.loads((tmp_path / "targets.json").read_text())["results"]["final"]
+    assert (run / "heldout5" / "heldout.json").exists()
+    for name, (task, prefix, threshold) in targets.TARGETS.items():
+        s = scored[name]
+        assert 0 <= s["accuracy"] <= 1 and 0 < s["n"] <= 5 and s["world_test_n"] <= 3, name  # the ci world holds 3
+        assert s["met"] == (s["accuracy"] >= threshold), name
     # the context-reading probe runs on P0's LLM: every captioned task, its kinds adding up to the task
     items, kinds = context_reading.questions(3, seed=0)
     assert all(len(it.conversations[0]["value"].split("\n")) == 2 and not it.images for it in items)  # caption, question
@@ -529,3 +540,16 @@ def test_demo_curves_train_tasks_together_weighed_as_the_demos_p2(tmp_path, monk
     captions = json.loads((world / json.loads((world / "datainfo.json").read_text())["synth_caption"]["meta_file"])
                           .read_text())
     assert len(captions) == 2  # 400 per 3000 questions, as in the demo's world: one per task here
+
+
+def test_targets_score_with_standard_errors_and_the_worlds_own_items_apart():
+    rows = [{"id": f"test-ocr-{i:05d}", "task": "ocr", "category": "number of 2" if i % 2 else "word of 3",
+             "score": float(i % 4 != 1)} for i in range(400)]  # numbers: every other one right
+    s = targets.score_target(rows, "ocr", "number", 0.9, 200)
+    assert s["n"] == 200 and s["accuracy"] == 0.5 and s["se"] == pytest.approx((0.25 / 200) ** 0.5)
+    assert s["world_test_n"] == 100 and s["world_test"] == 0.5 and not s["met"] and s["clearly_short"]
+    assert targets.verdict(s) == "clearly short"
+    words = targets.score_target(rows, "ocr", "word", 0.9, 200)
+    assert words["accuracy"] == 1.0 and words["clearly"] and targets.verdict(words) == "clearly met"
+    near = targets.score_target([{**r, "score": float(i % 10 != 0)} for i, r in enumerate(rows)], "ocr", "", 0.9, 200)
+    assert near["met"] and not near["clearly"] and targets.verdict(near) == "met"

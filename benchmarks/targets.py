@@ -44,9 +44,9 @@ def item_index(item_id: str) -> int:
 def score_target(rows: list[dict], task: str, prefix: str, threshold: float, own: int) -> dict:
     """Accuracy on a target's items with its standard error, and on the first `own` items of the task (the
     world's own test split)."""
-    hits = [r["score"] for r in rows if r["task"] == task and r.get("category", "").startswith(prefix)]
-    first = [r["score"] for r in rows if r["task"] == task and r.get("category", "").startswith(prefix)
-             and item_index(r["id"]) < own]
+    scored = [r for r in rows if r["task"] == task and r.get("category", "").startswith(prefix)]
+    hits = [r["score"] for r in scored]
+    first = [r["score"] for r in scored if item_index(r["id"]) < own]
     if not hits:
         raise SystemExit(f"no held-out items for task {task!r}: build the split with it")
     p = sum(hits) / len(hits)

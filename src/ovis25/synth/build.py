@@ -167,8 +167,10 @@ def build_part(tmp: Path, seed: int, split: str, task: str, n: int, avoid: froze
     return rows, seen, n_images
 
 
-def run_parts(jobs: list[tuple], workers: int) -> Iterator[tuple[list[dict], set[bytes], int]]:
-    """`build_part(*job)` for every job, in order; on `workers` processes when there is more than one."""
+def run_parts(jobs: list[tuple], workers: int | None = None) -> Iterator[tuple[list[dict], set[bytes], int]]:
+    """`build_part(*job)` for every job, in order; on `workers` processes (default: one per CPU) when there is
+    more than one."""
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if workers <= 1 or len(jobs) <= 1:
         yield from (build_part(*job) for job in jobs)
         return
@@ -183,9 +185,9 @@ def visual_paths(row: dict) -> list[str]:
     return [paths] if isinstance(paths, str) else list(paths)
 
 
-def training_fingerprints(world_dir: Path, progress: bool = False) -> set[bytes]:
-    """The fingerprints of every image a built world trains on (every split but the held-out one)."""
-    manifest = json.loads((world_dir / "world.json").read_text())
+def training_fingerprints(world_dir: Path, manifest: dict, progress: bool = False) -> set[bytes]:
+    """The fingerprints of every image a built world (its manifest given) trains on: every split but the
+    held-out one."""
     rows = [row for spec in manifest["datasets"].values()
             for row in json.loads((world_dir / spec["meta_file"]).read_text())]
     rows += [json.loads(line) for split, name in manifest["files"].items() if split != "test"
@@ -213,8 +215,7 @@ def build_heldout(world_dir: str | Path, out_dir: str | Path, per_task: int, tas
         raise ValueError(f"{out}: write the held-out split beside the world, not over it")
     if out.exists() and any(out.iterdir()) and not (out / "heldout.json").exists():
         raise FileExistsError(f"{out}: not empty and not a held-out split; refusing to replace it")
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    avoid = frozenset(training_fingerprints(world, progress))
+    avoid = frozenset(training_fingerprints(world, manifest, progress))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     rows, counts = [], {}
@@ -241,7 +242,6 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", 
     those tasks (each task draws from its own stream, so its samples are the same as in a full world);
     `workers` processes draw the streams (default: one per CPU; the files are the same for any number)."""
     sizes = resolve_sizes(sizes)
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     tasks = list(TASKS) if tasks is None else list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:

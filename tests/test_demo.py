@@ -470,7 +470,7 @@ def test_each_task_is_a_dataset_of_its_own_and_p2_weighs_them(tmp_path):
 def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vision_pretraining(tmp_path):
     """--preset long: its own P2 (every task's questions once, the world's sizes weighing them), P3 (about as many
     questions as the tiny P3) and P4 (the tiny one exported nearer P3), the tiny recipes for the other phases, P0v
-    twice as long; each change shows in the fingerprints of the phases it reaches."""
+    four times as long; each change shows in the fingerprints of the phases it reaches."""
     from ovis25.demo import phase_fingerprints, recipe, vision_config
     from ovis25.synth.build import PRESETS, split_size
     from ovis25.train import load_recipe
@@ -479,7 +479,7 @@ def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vis
     assert [recipe("long", p).parent.name for p in TRAIN_PHASES if p != "p0v"] == \
         ["tiny", "tiny", "long", "long", "long", "tiny"]
     assert recipe("ci", "p2") == recipe("tiny", "p2")
-    assert vision_config("long", {}).steps == 2 * vision_config("tiny", {}).steps
+    assert vision_config("long", {}).steps == 4 * vision_config("tiny", {}).steps
     assert vision_config("long", {"max_steps": 3}).steps == 3  # an override still wins
     tiny, long = phase_fingerprints("tiny", 0, {}, {}), phase_fingerprints("long", 0, {}, {})
     assert all(tiny[p] != long[p] for p in TRAIN_PHASES)

@@ -142,29 +142,3 @@ def test_position_words_say_where_each_token_is():
     assert target[:, ROW_WORDS].sum(-1).allclose(torch.full((8,), 0.2))
     assert torch.allclose(read_positions(target), pos.clamp(edge, 1 - edge), atol=1e-6)
     assert token_targets(labels, grids, 252, 0.0).equal(torch.nn.functional.one_hot(labels, 252).float())
-
-
-def test_bound_position_words_tie_each_place_to_its_kind():
-    """With bound words an object's tokens put their column and row weight on words of their own (colour,
-    shape), so summing an image's targets still says where each kind is; other tokens keep the global words."""
-    import pytest
-    import torch
-
-    from ovis25.synth.regions import (CENTRES, COLUMN_WORDS, KIND_BINS, KIND_COLUMN_WORDS, KIND_ROW_WORDS, KINDS,
-                                      ROW_WORDS, object_kinds, read_positions, token_positions, token_targets)
-    grids = torch.tensor([[1, 4, 6]])  # 2 x 3 tokens
-    labels = torch.tensor([0, 3, CENTRES.start + 3, 0, 1, 69])  # background, a body and the centre of kind 2...
-    assert object_kinds(labels).tolist() == [-1, 2, 3, -1, 0, -1]
-    target = token_targets(labels, grids, 252, 0.2, bound=True)
-    assert torch.allclose(target.sum(-1), torch.ones(6)) and (target.argmax(-1) == labels).all()
-    objects = object_kinds(labels) >= 0
-    for words, bound in ((COLUMN_WORDS, KIND_COLUMN_WORDS), (ROW_WORDS, KIND_ROW_WORDS)):
-        assert target[~objects][:, words].sum(-1).allclose(torch.full((3,), 0.2))
-        assert target[objects][:, words].sum().item() == 0
-        per_kind = target[:, bound].unflatten(1, (KINDS, KIND_BINS)).sum(-1)  # (tokens, kinds)
-        assert per_kind[objects].argmax(-1).equal(object_kinds(labels)[objects])
-        assert per_kind[objects].sum(-1).allclose(torch.full((3,), 0.2))
-    pos = token_positions(grids)  # every centre lies between the outer bins' centres: read back exactly
-    assert torch.allclose(read_positions(target), pos, atol=1e-6)
-    with pytest.raises(ValueError, match="visual words"):
-        token_targets(labels, grids, 128, 0.2, bound=True)

@@ -22,8 +22,7 @@ from ..model import Ovis
 from ..processing import Processor
 from ..train.trainer import lr_lambda
 from .build import task_rng
-from .regions import (CLASSES, KIND_BINS, KIND_COLUMN_WORDS, is_centre, object_kinds, read_positions, token_labels,
-                      token_positions, token_targets)
+from .regions import CLASSES, is_centre, read_positions, token_labels, token_positions, token_targets
 from .world import TASKS
 
 log = logging.getLogger("ovis25.synth.pretrain")
@@ -49,8 +48,6 @@ class VisionPretrainConfig:
     video: tuple[int, int] = (32 * 32, 96 * 96)
     # the share of each target distribution on the token's column word and again on its row word
     position_weight: float = 0.2
-    # objects' tokens say where they are with words of their own kind (`regions.token_targets`)
-    bound_positions: bool = False
     # how often each task's images are drawn relative to the others (1 when not named): an OCR image holds a
     # few glyph tokens of 36 kinds (held-out glyph accuracy 0.11 at weight 1, 0.77 at 3)
     task_weights: dict[str, float] = field(default_factory=lambda: {"ocr": 3.0})
@@ -89,10 +86,9 @@ def collate(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def token_accuracy(model: Ovis, items: list[Item], bound: bool = False) -> dict[str, dict[str, float]]:
+def token_accuracy(model: Ovis, items: list[Item]) -> dict[str, dict[str, float]]:
     """Per task: class accuracy over all visual tokens and over the tokens that show something, and the mean
-    distance (in image widths / heights) between where the position words put a token and where it is; with
-    `bound`, how often an object token's column words are its own kind's."""
+    distance (in image widths / heights) between where the position words put a token and where it is."""
     vt = model.visual_tokenizer.eval()
     out = {}
     for task in TASKS:
@@ -106,10 +102,6 @@ def token_accuracy(model: Ovis, items: list[Item], bound: bool = False) -> dict[
         if centres.any():  # images with objects: are their centres found, and named where there are none?
             out[task]["centres"] = round((pred[centres] == labels[centres]).float().mean().item(), 4)
             out[task]["false_centres"] = int((is_centre(pred) & (pred != labels)).sum())
-        kinds = object_kinds(labels)
-        if bound and (kinds >= 0).any():
-            mass = logits.softmax(-1)[:, KIND_COLUMN_WORDS].unflatten(1, (-1, KIND_BINS)).sum(-1)
-            out[task]["bound_kind"] = round((mass.argmax(-1) == kinds)[kinds >= 0].float().mean().item(), 4)
     vt.train()
     return out
 
@@ -150,8 +142,7 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
         tasks = rng.choices(task_names, weights=task_weights, k=cfg.batch_images)
         pixel_values, grids, labels = collate([rng.choice(by_task[t]) for t in tasks])
         logits = vt.head_logits(vt.vit(pixel_values, grids))
-        target = token_targets(labels, grids, logits.shape[-1], cfg.position_weight, processor.hidden_stride,
-                               cfg.bound_positions)
+        target = token_targets(labels, grids, logits.shape[-1], cfg.position_weight, processor.hidden_stride)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,7 +154,7 @@ def pretrain_visual_tokenizer(init: str | Path, out_dir: str | Path, seed: int =
                                   "lr": cfg.lr * scale, "grad_norm": grad_norm.item()}) + "\n")
         bar.set_postfix(loss=f"{loss.item():.3f}")
     metrics.close()
-    accuracy = token_accuracy(model, test, cfg.bound_positions)
+    accuracy = token_accuracy(model, test)
     (out / "token_accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
     log.info("vision pretraining: %d steps in %.0f s; held-out token accuracy (objects) %s", cfg.steps,
              time.perf_counter() - t0, {t: a["objects"] for t, a in accuracy.items()})

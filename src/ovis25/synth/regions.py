@@ -34,13 +34,6 @@ CENTRES = range(1 + len(COLORS) * len(SHAPES), 1 + 2 * len(COLORS) * len(SHAPES)
 POSITION_BINS = 8
 COLUMN_WORDS = range(len(CLASSES), len(CLASSES) + POSITION_BINS)
 ROW_WORDS = range(COLUMN_WORDS.stop, COLUMN_WORDS.stop + POSITION_BINS)
-# Bound position words (`token_targets(bound=True)`): an object's tokens say where they are with words of their
-# own kind, KIND_BINS columns and as many rows per (colour, shape), so that the sum of an image's visual
-# embeddings still tells where each kind of object is (the global words above only say where tokens are).
-KINDS = len(COLORS) * len(SHAPES)
-KIND_BINS = 6
-KIND_COLUMN_WORDS = range(ROW_WORDS.stop, ROW_WORDS.stop + KINDS * KIND_BINS)
-KIND_ROW_WORDS = range(KIND_COLUMN_WORDS.stop, KIND_COLUMN_WORDS.stop + KINDS * KIND_BINS)
 MIN_SHARE = 1 / 16  # a token is labelled with a class covering at least this share of its region
 # Characters are small: one outweighs the bar or axis it shares a token with.
 PRIORITY = np.array([4 if name.startswith("character") else 1 for name in CLASSES])
@@ -160,44 +153,20 @@ def token_positions(grid_thws: torch.Tensor, hidden_stride: int = 2) -> torch.Te
     return torch.cat(out)
 
 
-def object_kinds(labels: torch.Tensor) -> torch.Tensor:
-    """The (colour, shape) index of each object class (body or centre), -1 for every other class."""
-    body = (labels >= 1) & (labels < CENTRES.start)
-    return torch.where(body, labels - 1, torch.where(is_centre(labels), labels - CENTRES.start, -1))
-
-
-def read_positions(probs: torch.Tensor) -> torch.Tensor:
-    """(tokens, vocab) visual-token distributions -> (tokens, 2) the (x, y) their column and row words say,
-    global and bound alike."""
-    out = []
-    for words, bound in ((COLUMN_WORDS, KIND_COLUMN_WORDS), (ROW_WORDS, KIND_ROW_WORDS)):
-        mass = [probs[:, words]]
-        centres = [(torch.arange(POSITION_BINS) + 0.5) / POSITION_BINS]
-        if probs.shape[1] >= bound.stop:
-            mass.append(probs[:, bound])
-            centres.append(((torch.arange(KIND_BINS) + 0.5) / KIND_BINS).repeat(KINDS))
-        mass, centres = torch.cat(mass, 1), torch.cat(centres)
-        out.append(mass @ centres / mass.sum(-1).clamp_min(1e-9))
-    return torch.stack(out, 1)
+def read_positions(probs: torch.Tensor, bins: int = POSITION_BINS) -> torch.Tensor:
+    """(tokens, vocab) visual-token distributions -> (tokens, 2) the (x, y) their column and row words say."""
+    centres = (torch.arange(bins) + 0.5) / bins
+    cols, rows = probs[:, COLUMN_WORDS], probs[:, ROW_WORDS]
+    return torch.stack([words @ centres / words.sum(-1).clamp_min(1e-9) for words in (cols, rows)], 1)
 
 
 def token_targets(labels: torch.Tensor, grid_thws: torch.Tensor, vocab: int, position_weight: float,
-                  hidden_stride: int = 2, bound: bool = False) -> torch.Tensor:
+                  hidden_stride: int = 2) -> torch.Tensor:
     """(tokens, vocab) target distributions: the region class with weight 1 - 2 * position_weight, the column
-    and row words with position_weight each, so a visual embedding is what the token shows plus where it is.
-    With `bound`, an object's tokens take their kind's own column and row words instead of the global ones."""
+    and row words with position_weight each, so a visual embedding is what the token shows plus where it is."""
     target = F.one_hot(labels, vocab).float() * (1 - 2 * position_weight)
-    if not position_weight:
-        return target
-    pos = token_positions(grid_thws, hidden_stride)
-    kinds = object_kinds(labels) if bound else torch.full_like(labels, -1)
-    if bound and vocab < KIND_ROW_WORDS.stop:
-        raise ValueError(f"bound position words need {KIND_ROW_WORDS.stop} visual words, the vocabulary has {vocab}")
-    free, obj = kinds < 0, (kinds >= 0).nonzero().squeeze(1)
-    for axis, (words, bound_words) in enumerate(((COLUMN_WORDS, KIND_COLUMN_WORDS), (ROW_WORDS, KIND_ROW_WORDS))):
-        target[free, words.start:words.stop] += position_weight * soft_bins(pos[free, axis])
-        if len(obj):
-            own = torch.zeros(len(obj), KINDS, KIND_BINS)
-            own[torch.arange(len(obj)), kinds[obj]] = soft_bins(pos[obj, axis], KIND_BINS)
-            target[obj, bound_words.start:bound_words.stop] += position_weight * own.flatten(1)
+    if position_weight:
+        pos = token_positions(grid_thws, hidden_stride)
+        target[:, COLUMN_WORDS] += position_weight * soft_bins(pos[:, 0])
+        target[:, ROW_WORDS] += position_weight * soft_bins(pos[:, 1])
     return target

@@ -155,6 +155,8 @@ def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
     bench.write_text('{"id": "a"}\n')
     with pytest.raises(SystemExit, match="line 1: missing field"):
         main([str(model_dir()), "--data", str(bench)])
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'nowhere'}/test.jsonl: no such benchmark file"):
+        main([str(model_dir()), "--suite", "synth", "--world", str(tmp_path / "nowhere")])
 
 
 def test_constant_answer_baseline_is_the_best_single_answer():

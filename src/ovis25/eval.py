@@ -48,6 +48,8 @@ def media_pixels(budgets: PixelBudgets | None, images: int, video: bool) -> dict
 
 def load_items(path: str | Path, image_dir: str | Path | None = None, limit_per_task: int | None = None) -> list[EvalItem]:
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such benchmark file")
     root = Path(image_dir) if image_dir is not None else path.parent
     items, per_task = [], defaultdict(int)
     for n, line in enumerate(path.read_text().splitlines(), 1):

@@ -183,6 +183,14 @@ def test_phase1_trains_only_last_vit_block_head_and_vet(tmp_path):
         assert changed == name.startswith(trained_prefixes), name
 
 
+def test_a_misspelt_recipe_key_is_refused_in_every_phase():
+    for phase in ("p1", "p2", "p3"):
+        cfg = load_recipe(None, ['init="x"', f'phase="{phase}"', "lerning_rate=1e-3"])
+        with pytest.raises(ValueError, match=r"unknown key\(s\) \['lerning_rate'\] for phase"):
+            cfg.validate()
+    load_recipe(None, ['init="x"', 'phase="dpo"', "dpo_beta=0.2"]).validate()  # DPO's own keys pass on to it
+
+
 def test_per_module_learning_rates_official_syntax():
     model = Ovis.from_pretrained(tiny_model_dir())
     lrs = select_trainable(model, f"llm:2e-5|{LAST_VIT_BLOCK}|vte:1e-3", base_lr=1e-4)

@@ -88,6 +88,8 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.init:
             raise ValueError("recipe: `init` (the checkpoint directory to start from) is required")
+        if self.extra and self.phase not in ("dpo", "grpo"):  # only those phases read keys of their own
+            raise ValueError(f"recipe: unknown key(s) {sorted(self.extra)} for phase {self.phase!r}")
         for name, allowed in (("on_bad_sample", ("skip", "fail")), ("on_nan", ("skip", "stop")),
                               ("parallel", ("auto", "none", "ddp", "fsdp")),
                               ("param_dtype", ("float32", "bfloat16")),

@@ -157,6 +157,9 @@ def test_command_line_writes_json_and_reports_bad_files(tmp_path, capsys):
         main([str(model_dir()), "--data", str(bench)])
     with pytest.raises(SystemExit, match=f"{tmp_path / 'nowhere'}/test.jsonl: no such benchmark file"):
         main([str(model_dir()), "--suite", "synth", "--world", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit):  # argparse's error: no empty table for --limit 0
+        main([str(model_dir()), "--data", str(bench), "--limit", "0"])
+    assert "--limit: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_constant_answer_baseline_is_the_best_single_answer():

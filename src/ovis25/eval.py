@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from .chat import Chat
+    from .cli import positive_int
     ap = argparse.ArgumentParser(prog="ovis25 eval", description="Accuracy per task on a JSONL benchmark.")
     ap.add_argument("model_dir")
     ap.add_argument("--suite", choices=["synth"], help="the synthetic world's held-out split (needs --world)")
@@ -292,9 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", help="a JSONL benchmark file")
     ap.add_argument("--image-dir")
     ap.add_argument("--thinking", choices=["on", "off", "both"], default="both")
-    ap.add_argument("--budget", type=int, default=None, help="thinking budget in tokens")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    ap.add_argument("--budget", type=positive_int, default=None, help="thinking budget in tokens")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+    ap.add_argument("--limit", type=positive_int, default=None, help="at most this many items per task")
     ap.add_argument("--min-pixels", type=int, default=32 * 32, help="resize budget of an image (and, unless set "
                     "below, of each of several images and of each video frame); use the budgets the model trained on")
     ap.add_argument("--max-pixels", type=int, default=256 * 256)

@@ -53,6 +53,10 @@ def test_a_resumed_demo_refuses_phases_trained_from_other_settings(tmp_path):
     shutil.rmtree(run / "p5" / "final")  # as if P5 had been interrupted: its checkpoints would resume
     with pytest.raises(StaleRunError, match=r"p5 trained from another recipe or settings than now: pass"):
         run_demo("ci", "ci", phase_overrides={"p4": {"lr": 1e-5}}, **args)
+    results = (run / "eval.json").read_text()
+    with pytest.raises(ValueError, match="eval_limit must be at least 1"):  # before it could empty eval.json
+        run_demo("ci", "ci", **{**args, "eval_limit": 0})
+    assert (run / "eval.json").read_text() == results
 
 
 def test_demo_pipeline_wiring(tmp_path, monkeypatch):

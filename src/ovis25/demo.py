@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .chat import Chat
+from .cli import positive_int
 from .eval import evaluate, format_table, load_items, pairs_by_kind, preference_accuracy, sampled_reward
 from .processing import PixelBudgets
 from .report import with_guessing_level, write_report
@@ -255,6 +256,8 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
     from .synth.pretrain import pretrain_visual_tokenizer
     from .train import load_recipe, train
 
+    if eval_limit is not None and eval_limit < 1:  # checked first: a resumed run rewrites eval.json
+        raise ValueError(f"eval_limit must be at least 1 (None: every test item), got {eval_limit}")
     overrides, phase_overrides = overrides or {}, phase_overrides or {}
     run = runs_dir / name
     fingerprints = phase_fingerprints(preset, seed, overrides, phase_overrides)
@@ -350,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="tiny", choices=["tiny", "long", "ci"],
                     help="tiny: the 15-minute demo; long: P2 on 232000 fresh questions (about 80 minutes)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-limit", type=int, default=GREEDY_ITEMS,
+    ap.add_argument("--eval-limit", type=positive_int, default=GREEDY_ITEMS,
                     help="greedy accuracy on at most this many test items per task (the sampled reward uses all)")
     ap.add_argument("--retrain", action="store_true",
                     help="train again the phases of runs/<name> whose recipe changed since (and every later one)")

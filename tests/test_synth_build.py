@@ -254,6 +254,8 @@ def test_a_held_out_split_refuses_bad_requests(world, tmp_path):
         build_heldout(world, tmp_path / "h", 5, tasks=["juggling"])
     with pytest.raises(ValueError, match="beside the world"):
         build_heldout(world, world, 5)
+    with pytest.raises(ValueError, match="nowhere: not a synthetic world"):
+        build_heldout(tmp_path / "nowhere", tmp_path / "h", 5)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):

@@ -204,6 +204,8 @@ def build_heldout(world_dir: str | Path, out_dir: str | Path, per_task: int, tas
     `out_dir/test.jsonl` with images under `out_dir/images` (what `ovis25 eval --suite synth --world out_dir`
     reads) and `out_dir/heldout.json`; the world itself, its tokenizer included, is left as it is."""
     world, out = Path(world_dir), Path(out_dir)
+    if not (world / "world.json").is_file():
+        raise ValueError(f"{world}: not a synthetic world (no world.json; python -m ovis25.synth OUT builds one)")
     manifest = json.loads((world / "world.json").read_text())
     tasks = list(manifest["tasks"] if tasks is None else tasks)
     unknown = [t for t in tasks if t not in manifest["tasks"]]

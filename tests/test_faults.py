@@ -7,9 +7,11 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from conftest import model_dirs, requires_fixtures
-from test_train import TINY_BUDGET, _env, _final_weights, _run_cmd, make_dataset
+from test_train import TINY_BUDGET, _env, _final_weights, _run_cmd, make_dataset, tiny_model_dir
 from ovis25 import Ovis
 from ovis25.checkpoint import CheckpointError, CheckpointWriteError, write_atomically
 from ovis25.processing import Tokenizer
@@ -244,3 +246,39 @@ def test_pickled_weights_are_never_unpickled(tmp_path):
         assert not marker.exists(), f"{name}: the pickle ran"
     pickle.loads(payload)  # the payload is live: unpickled, it does run
     assert marker.exists()
+
+
+def test_a_second_run_on_a_held_directory_stops_at_once(tmp_path):
+    """Two runs on one directory would interleave their checkpoints: the second stops with the holder's pid,
+    and a holder killed with SIGKILL leaves nothing behind that blocks the next run."""
+    from ovis25.checkpoint import DirectoryInUseError, exclusive_directory
+    from ovis25.demo import run_demo
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ovis25.checkpoint import exclusive_directory\n"
+         f"with exclusive_directory({str(out)!r}):\n    print('held', flush=True); time.sleep(600)"],
+        env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        datainfo = make_dataset(tmp_path / "data", n=4)
+        cfg = load_recipe(None, [f'init="{tiny_model_dir()}"', f'out_dir="{out}"', f'datainfo="{datainfo}"',
+                                 "progress=false", "max_steps=1", *TINY_BUDGET])
+        held = re.escape(f"{out} is in use by another training run (pid {holder.pid})")
+        with pytest.raises(DirectoryInUseError, match=held):
+            train(cfg)
+        assert not (out / "checkpoints").exists() and not (out / "config.json").exists()
+        r = subprocess.run(_run_cmd(tmp_path, datainfo, out), env=_env(), capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.strip().endswith("give this one another directory"), r.stderr
+        with pytest.raises(DirectoryInUseError, match="in use by another demo"):
+            run_demo("run", "ci", runs_dir=tmp_path)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # neither touched the directory
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_directory(out):  # the killed holder's lock went with it
+        with pytest.raises(DirectoryInUseError, match=f"pid {os.getpid()}"):  # held within one process too
+            with exclusive_directory(out):
+                pass
+    train(cfg)
+    assert (out / "final" / "model.safetensors").exists()

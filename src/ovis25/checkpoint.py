@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -152,6 +154,39 @@ def write_atomically(target: str | Path, fill) -> None:
             raise CheckpointWriteError(e.errno, f"cannot write checkpoint {target}: {what}{where}; nothing was "
                                                 "replaced and the partial copy was removed") from e
         raise
+
+
+class DirectoryInUseError(RuntimeError):
+    """Another process holds the run directory (`exclusive_directory`)."""
+
+
+@contextmanager
+def exclusive_directory(path: str | Path, what: str = "run") -> Iterator[Path]:
+    """Hold `path/.lock` for the block, so that a second run started on the same directory stops at once
+    instead of interleaving its checkpoints with this one's. An advisory flock: the OS releases it when the
+    process ends, however it ends. Where flock is missing (Windows), the block runs unguarded."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield path
+        return
+    with open(path / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise DirectoryInUseError(f"{path} is in use by another {what} ({holder}): wait for it to end, "
+                                      "or give this one another directory") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .chat import Chat
+from .checkpoint import DirectoryInUseError, exclusive_directory
 from .cli import positive_int
 from .eval import evaluate, format_table, load_items, pairs_by_kind, preference_accuracy, sampled_reward
 from .processing import PixelBudgets
@@ -251,18 +252,24 @@ def run_demo(name: str = "demo", preset: str = "tiny", seed: int = 0, overrides:
              phase_overrides: dict[str, dict] | None = None, retrain: bool = False) -> Path:
     """Run (or resume: finished phases are kept) the curriculum; `overrides` apply to every phase's recipe,
     `phase_overrides[phase]` to one phase only. A resumed run refuses phases trained from other inputs
-    (`StaleRunError`) unless `retrain`, which trains them and every later phase again."""
+    (`StaleRunError`) unless `retrain`, which trains them and every later phase again. A second demo on the
+    same run directory stops at once (`DirectoryInUseError`)."""
+    if eval_limit is not None and eval_limit < 1:  # checked first: a resumed run rewrites eval.json
+        raise ValueError(f"eval_limit must be at least 1 (None: every test item), got {eval_limit}")
+    run = runs_dir / name
+    with exclusive_directory(run, "demo"):
+        return run_curriculum(run, preset, seed, overrides or {}, phase_overrides or {}, eval_limit, retrain)
+
+
+def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_overrides: dict[str, dict],
+                   eval_limit: int | None, retrain: bool) -> Path:
+    """`run_demo`'s work, in a run directory this process holds."""
     from .synth import build_world, write_model_dir
     from .synth.pretrain import pretrain_visual_tokenizer
     from .train import load_recipe, train
 
-    if eval_limit is not None and eval_limit < 1:  # checked first: a resumed run rewrites eval.json
-        raise ValueError(f"eval_limit must be at least 1 (None: every test item), got {eval_limit}")
-    overrides, phase_overrides = overrides or {}, phase_overrides or {}
-    run = runs_dir / name
     fingerprints = phase_fingerprints(preset, seed, overrides, phase_overrides)
     check_resumable(run, preset, seed, fingerprints, retrain)
-    run.mkdir(parents=True, exist_ok=True)
     # seconds per part of the run; a resumed run keeps the times of what it does not redo
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
     timings["evaluation"] = 0.0
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         run = run_demo(args.name, args.preset, args.seed, eval_limit=args.eval_limit, retrain=args.retrain)
-    except StaleRunError as e:
+    except (StaleRunError, DirectoryInUseError) as e:
         raise SystemExit(f"ovis25 demo: {e}") from None
     results = json.loads((run / "eval.json").read_text())
     print("\n" + format_table(with_guessing_level(run, results)))

@@ -3,6 +3,7 @@ import argparse
 import logging
 import sys
 
+from ..checkpoint import DirectoryInUseError
 from . import load_recipe, train
 
 
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_recipe(None if args.recipe == "-" else args.recipe, args.overrides)
         print(train(cfg))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, DirectoryInUseError) as e:
         sys.exit(f"ovis25 train: {e}")
 
 

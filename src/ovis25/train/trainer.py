@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import TIED_KEY
+from ..checkpoint import TIED_KEY, exclusive_directory
 from ..model import Ovis
 from ..processing import PixelBudgets, Processor
 from .config import TrainConfig
@@ -384,13 +384,22 @@ def finish_run(model, processor: Processor, cfg: TrainConfig, out: Path, rank: i
 
 # ---- the loop -------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> Path:
-    """Run one phase; returns the exported checkpoint directory (or the run directory without export)."""
-    if cfg.phase == "dpo":
-        from .dpo import train_dpo
-        return train_dpo(cfg)
-    if cfg.phase == "grpo":
-        from .grpo import train_grpo
-        return train_grpo(cfg)
+    """Run one phase; returns the exported checkpoint directory (or the run directory without export).
+    The run directory is held for the whole run (by rank 0 under torchrun): a second run on it stops at once."""
+    cfg.validate()  # before the run directory is created
+    lead = int(os.environ.get("RANK", "0")) == 0
+    with exclusive_directory(cfg.out_dir, "training run") if lead else contextlib.nullcontext():
+        if cfg.phase == "dpo":
+            from .dpo import train_dpo
+            return train_dpo(cfg)
+        if cfg.phase == "grpo":
+            from .grpo import train_grpo
+            return train_grpo(cfg)
+        return train_supervised(cfg)
+
+
+def train_supervised(cfg: TrainConfig) -> Path:
+    """P0-P3: next-token loss on the assistant turns of packed samples."""
     rank, world, device, out = setup_run(cfg)
     ckpt_root = out / "checkpoints"
     processor, model, lrs = load_policy(cfg)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,7 @@ def test_a_second_run_on_a_held_directory_stops_at_once(tmp_path):
                 pass
     train(cfg)
     assert (out / "final" / "model.safetensors").exists()
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ValueError, match="a_file: not a directory, so it cannot hold a training run"):
+        train(replace(cfg, out_dir=str(tmp_path / "a_file")))
+    assert (tmp_path / "a_file").read_text() == "mine"

@@ -166,6 +166,8 @@ def exclusive_directory(path: str | Path, what: str = "run") -> Iterator[Path]:
     instead of interleaving its checkpoints with this one's. An advisory flock: the OS releases it when the
     process ends, however it ends. Where flock is missing (Windows), the block runs unguarded."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: not a directory, so it cannot hold a {what}")
     path.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl

@@ -259,8 +259,7 @@ def plot_metrics(metrics_file: Path, out_png: Path) -> bool:
 
 # ---- pieces shared with the DPO and GRPO loops ------------------------------------------------------------
 def setup_run(cfg: TrainConfig) -> tuple[int, int, torch.device, Path]:
-    """Validate, join the process group, create the run directory (config.json), seed."""
-    cfg.validate()
+    """Join the process group, create the run directory (config.json), seed; `train` has validated `cfg`."""
     rank, world, device = init_distributed()
     out = Path(cfg.out_dir)
     if rank == 0:

@@ -82,13 +82,11 @@ ON_GRIDS = ("spatial", "grounding")  # the tasks `--grids` can draw on one-token
 
 @contextlib.contextmanager
 def on_grids():
-    """Scenes drawn as one-token grids (`grounding_selection.grid_scene`: 64 x 64, each object alone in one visual
+    """Scenes drawn as one-token grids (`synth.world.grid_scene`: 64 x 64, each object alone in one visual
     token) while the world is built, the look-ups' easy form."""
-    from grounding_selection import grid_scene
-
     from ovis25.synth import world
     scene = world.scene
-    world.scene = grid_scene  # the tasks look it up at call time
+    world.scene = world.grid_scene  # the tasks look it up at call time
     try:
         yield
     finally:

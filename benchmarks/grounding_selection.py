@@ -41,27 +41,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from demo_curves import PIXELS, p1_checkpoint, task_curves  # noqa: E402
 
 from ovis25.grounding import Box, parse_boxes  # noqa: E402
+from ovis25.synth.world import PLACE_QUESTION, grid_scene  # noqa: E402
 
 
-GRID = 64  # px: at the demo's smallest image budget (64 * 64) a 2 x 2 grid of visual tokens, 32 px each
-CELL = GRID // 2
-
-
-def grid_scene(rng: random.Random, kinds: list[tuple[str, str]]):
-    """One object per visual token: each (shape, color) of `kinds` (at most 4) inside its own 32 x 32 quadrant
-    of a 64 x 64 image, so that no token holds two objects and little of each is background."""
-    from ovis25.synth import world
-
-    objs = []
-    cells = [(x, y) for y in (0, CELL) for x in (0, CELL)]
-    for (shape, color), (cx, cy) in zip(kinds, rng.sample(cells, len(kinds))):
-        side = rng.randint(22, 28)
-        x0, y0 = cx + rng.randint(2, CELL - 2 - side), cy + rng.randint(2, CELL - 2 - side)
-        objs.append(world.Obj(shape, color, (x0, y0, x0 + side - 1, y0 + side - 1)))
-    return world.render((GRID, GRID), objs), objs
-
-
-PLACE_QUESTION = "Which part of the image is the {} in?"
 GRID_SHARE = {"grid": 0.5, "gridplace": 1.0, "placemix": 0.5, "place": 0.0}  # 2-4 objects, this share on grids
 PLACE_VARIANTS = ("gridplace", "placemix", "place")  # the named object's place asked, not its box
 

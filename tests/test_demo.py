@@ -16,7 +16,7 @@ from conftest import REPO
 from ovis25 import Ovis, Processor
 from ovis25.chat import Chat
 from ovis25.cli import main as cli_main
-from ovis25.demo import TRAIN_PHASES, StaleRunError, run_demo, try_it
+from ovis25.demo import TRAIN_PHASES, StaleRunError, phases, run_demo, try_it
 from ovis25.synth.build import CAPTIONED
 from ovis25.synth.regions import CLASS, CLASSES
 from ovis25.synth.world import SHAPES
@@ -38,18 +38,19 @@ def test_a_resumed_demo_refuses_phases_trained_from_other_settings(tmp_path):
     p5 = {"grpo_prompts_per_step": 2, "grpo_group_size": 2, "grpo_max_new_tokens": 4}
     args = dict(overrides=overrides, eval_limit=1, runs_dir=tmp_path)
     run = run_demo("ci", "ci", phase_overrides={"p5": p5}, **args)
-    kept = {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in TRAIN_PHASES}
+    every = phases("ci")
+    kept = {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in every}
     changed = {"p4": {"lr": 1e-5}, "p5": p5}  # P4's settings differ: P4 and P5 no longer follow from them
     with pytest.raises(StaleRunError, match=r"p4, p5 trained from another recipe.*--retrain"):
         run_demo("ci", "ci", phase_overrides=changed, **args)
     with pytest.raises(StaleRunError, match="seed 0"):
         run_demo("ci", "ci", seed=1, phase_overrides={"p5": p5}, **args)
-    assert {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in TRAIN_PHASES} == kept
+    assert {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in every} == kept
     run_demo("ci", "ci", phase_overrides=changed, retrain=True, **args)
-    now = {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in TRAIN_PHASES}
-    assert [p for p in TRAIN_PHASES if now[p] != kept[p]] == ["p4", "p5"]
+    now = {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in every}
+    assert [p for p in every if now[p] != kept[p]] == ["p4", "p5"]
     run_demo("ci", "ci", phase_overrides=changed, **args)  # now in step: resumes without training
-    assert {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in TRAIN_PHASES} == now
+    assert {p: (run / p / "final" / "model.safetensors").stat().st_mtime_ns for p in every} == now
     shutil.rmtree(run / "p5" / "final")  # as if P5 had been interrupted: its checkpoints would resume
     with pytest.raises(StaleRunError, match=r"p5 trained from another recipe or settings than now: pass"):
         run_demo("ci", "ci", phase_overrides={"p4": {"lr": 1e-5}}, **args)
@@ -65,14 +66,16 @@ def test_demo_pipeline_wiring(tmp_path, monkeypatch):
                 runs_dir=tmp_path, phase_overrides={"p5": {"grpo_prompts_per_step": 4, "grpo_group_size": 2,
                                                            "grpo_max_new_tokens": 8}})
     run = run_demo("ci", "ci", **args)
+    every = phases("ci")  # with the look-up phases before P2, as the long preset's
+    assert every == (*TRAIN_PHASES[:3], "p2a", "p2b", "p2c", *TRAIN_PHASES[3:])
     timings = json.loads((run / "timings.json").read_text())
-    assert list(timings) == ["world", *TRAIN_PHASES, "evaluation", "total"]
+    assert list(timings) == ["world", *every, "evaluation", "total"]
     assert timings["total"] == pytest.approx(sum(v for k, v in timings.items() if k != "total"))
     run_demo("ci", "ci", **args)  # a resumed run redoes only the evaluation and keeps the other times
     again = json.loads((run / "timings.json").read_text())
-    assert {k: again[k] for k in ["world", *TRAIN_PHASES]} == {k: timings[k] for k in ["world", *TRAIN_PHASES]}
+    assert {k: again[k] for k in ["world", *every]} == {k: timings[k] for k in ["world", *every]}
     assert f"| p2 | {timings['p2']:.0f} |" in (run / "report.md").read_text()
-    for phase in TRAIN_PHASES:
+    for phase in every:
         final = run / phase / "final"
         assert (final / "config.json").exists() and (final / "model.safetensors").exists(), phase
         rows = [json.loads(line) for line in (run / phase / "metrics.jsonl").read_text().splitlines()]
@@ -84,6 +87,21 @@ def test_demo_pipeline_wiring(tmp_path, monkeypatch):
     Processor.from_pretrained(run / "final")
     results = json.loads((run / "eval.json").read_text())
     assert {"p1", "p2", "p3", "p3+think", "p4", "p5", "p5+think"} <= set(results)
+    # each look-up phase trains on its task of the look-up world, scored on that world's test questions apart
+    # from eval.json; the look-up world's spatial test questions are the demo world's (the same seed and stream)
+    from ovis25.demo import LOOKUP_PHASES
+    for phase, (task, _) in LOOKUP_PHASES["ci"].items():
+        config = json.loads((run / phase / "config.json").read_text())
+        assert config["datasets"] == [f"synth_qa_{task}"]
+        assert config["datainfo"] == str(run / "lookup" / "datainfo.json")
+    lookup = json.loads((run / "lookup.json").read_text())
+    assert list(lookup) == ["p2a", "p2b", "p2c"] and not {"p2a", "p2b", "p2c"} & set(results)
+    assert all(set(v) == {"grid_place", "grid_spatial", "spatial"} and all(s["n"] == 2 for s in v.values())
+               for v in lookup.values())
+    test = {name: [json.loads(line) for line in (run / name / "test.jsonl").read_text().splitlines()]
+            for name in ("world", "lookup")}
+    assert [r["question"] for r in test["lookup"] if r["task"] == "spatial"] == \
+        [r["question"] for r in test["world"] if r["task"] == "spatial"]
     preference = json.loads((run / "preference.json").read_text())
     assert set(preference) == {"p3", "p4"} and all(0 <= v["accuracy"] <= 1 and len(v["wins"]) == len(v["kinds"])
                                                    == v["n"] for v in preference.values())
@@ -196,6 +214,7 @@ def test_demo_pipeline_wiring(tmp_path, monkeypatch):
     assert command[:2] == ["ovis25", "chat"] and "--max-pixels" in command
     assert cli_main(command[1:] + ["--max-new-tokens", "4", "--no-stream"]) == 0
     report = (run / "report.md").read_text()
+    assert "The look-ups (before P2)" in report and "| grid_place |" in report
     assert "Accuracy per task" in report and "constant answer |" in report and "Vision pretraining (P0v)" in report and "Held-out reward of sampled" in report and "| mean |" in report and (run / "accuracy.png").exists() and (run / "loss.png").exists()
     # each count question's category is the answer it needs: the per-category rows cover the per-task ones
     eval_p2 = json.loads((run / "eval.json").read_text())["p2"]["count"]
@@ -475,18 +494,30 @@ def test_the_long_preset_passes_once_over_its_worlds_questions_from_a_longer_vis
     """--preset long: its own P2 (every task's questions once, the world's sizes weighing them), P3 (about as many
     questions as the tiny P3) and P4 (the tiny one exported nearer P3), the tiny recipes for the other phases, P0v
     four times as long; each change shows in the fingerprints of the phases it reaches."""
-    from ovis25.demo import phase_fingerprints, recipe, vision_config
+    from ovis25.demo import LOOKUP_PHASES, lookup_sizes, phase_fingerprints, recipe, vision_config
     from ovis25.synth.build import PRESETS, split_size
     from ovis25.train import load_recipe
     from ovis25.train.data import dataset_entry
 
-    assert [recipe("long", p).parent.name for p in TRAIN_PHASES if p != "p0v"] == \
-        ["tiny", "tiny", "long", "long", "long", "tiny"]
-    assert recipe("ci", "p2") == recipe("tiny", "p2")
+    assert [recipe("long", p).name for p in phases("long") if p != "p0v"] == \
+        ["p0.toml", "p1.toml", *["lookup.toml"] * 3, "p2.toml", "p3.toml", "p4.toml", "p5.toml"]
+    assert [recipe("long", p).parent.name for p in phases("long") if p != "p0v"] == \
+        ["tiny", "tiny", "long", "long", "long", "long", "long", "long", "tiny"]
+    assert recipe("ci", "p2") == recipe("tiny", "p2") and phases("tiny") == TRAIN_PHASES
+    # the look-ups: one pass each over 40000 grid places, 20000 grid relations, 60000 relations on scenes
+    assert LOOKUP_PHASES["long"] == {
+        "p2a": ("grid_place", 40000), "p2b": ("grid_spatial", 20000), "p2c": ("spatial", 60000)}
+    assert lookup_sizes("long")["qa"] == {"grid_place": 40000, "grid_spatial": 20000, "spatial": 60000}
+    lookup = load_recipe(recipe("long", "p2a"))
+    assert lookup.epochs == 1 and lookup.max_steps is None and not lookup.datasets
+    assert replace(lookup, epochs=3, max_steps=2560, datasets=[]) == replace(load_recipe(recipe("tiny", "p2")),
+                                                                            datasets=[])
     assert vision_config("long", {}).steps == 4 * vision_config("tiny", {}).steps
     assert vision_config("long", {"max_steps": 3}).steps == 3  # an override still wins
     tiny, long = phase_fingerprints("tiny", 0, {}, {}), phase_fingerprints("long", 0, {}, {})
     assert all(tiny[p] != long[p] for p in TRAIN_PHASES)
+    changed = phase_fingerprints("long", 0, {}, {"p2b": {"lr": 1e-4}})  # reaches P2b and every later phase
+    assert [p for p in phases("long") if changed[p] != long[p]] == list(phases("long")[4:])
     p2 = load_recipe(recipe("long", "p2"))
     assert p2.epochs == 1 and p2.max_steps is None
     tasks = PRESETS["long"]["qa"]

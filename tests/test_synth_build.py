@@ -12,6 +12,7 @@ from PIL import Image
 from ovis25.synth import PRESETS, TASKS, build_world
 from ovis25.synth.__main__ import main
 from ovis25.synth.build import CAPTIONED, PAIR_KINDS, build_heldout, pair_kind, task_rng
+from ovis25.synth.world import WARMUPS
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -76,6 +77,22 @@ def test_a_task_subset_holds_the_same_samples_as_the_full_world(world, tmp_path)
         json.dumps(r, ensure_ascii=False) + "\n" for t in ("ocr", "count") for r in keep if r["task"] == t)
     with pytest.raises(ValueError, match="tasks: unknown or none \\['chess'\\]"):
         build_world(tmp_path / "bad", sizes="ci", tasks=["count", "chess"])
+
+
+def test_a_world_of_warm_ups_which_no_default_world_draws(world, tmp_path):
+    """The warm-ups (one-token grid questions) are drawn only when asked for, beside a task whose samples are then
+    the full world's: the demo's look-up world."""
+    assert not set(WARMUPS) & set(json.loads((world / "world.json").read_text())["tasks"])
+    sizes = {"qa": {"grid_place": 5, "grid_spatial": 2, "spatial": 4}, "test": 3}
+    manifest = build_world(tmp_path / "lookup", seed=0, sizes=sizes, tokenizer=False, tasks=list(sizes["qa"]))
+    assert manifest["counts"]["qa"] == sizes["qa"] and manifest["counts"]["test"] == dict.fromkeys(sizes["qa"], 3)
+    qa = read(tmp_path / "lookup", "meta/qa.json")
+    assert Counter(r["task"] for r in qa) == sizes["qa"]
+    grids = [v for r in qa if r["task"] != "spatial" for v in visuals(tmp_path / "lookup", r)]
+    assert len(grids) == 7 and all(Image.open(v).size == (64, 64) for v in grids)
+    lookup, full = files(tmp_path / "lookup"), files(world)
+    spatial = [k for k in lookup if k.endswith(".png") and "/spatial/" in k]
+    assert len(spatial) == 7 and all(lookup[k] == full[k] for k in spatial)  # the ci world's 4 qa, 3 test
 
 
 def test_a_split_can_hold_a_different_number_of_samples_per_task(world, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from ovis25.grounding import Box, parse_boxes
-from ovis25.synth.world import COLORS, TASKS, font, misled_thinking, thinking, unfaithful_thinking
+from ovis25.synth.world import COLORS, TASKS, WARMUPS, font, misled_thinking, thinking, unfaithful_thinking
 
 N = 40  # samples per task
 
@@ -137,21 +137,42 @@ def check_ocr(s):
         and ink[:, 0].min() >= y0 - 2 and ink[:, 0].max() <= y1 + 2
 
 
+def check_grid(s) -> list[dict]:
+    """A one-token grid: 64 x 64, each object inside a 32 x 32 quadrant of its own -> the objects."""
+    found = objects(s.images[0])
+    quadrants = [(o["box"][0] // 32, o["box"][1] // 32) for o in found]
+    assert s.images[0].size == (64, 64) and 2 <= len(found) <= 4 and len(set(quadrants)) == len(found)
+    assert all((o["box"][2] // 32, o["box"][3] // 32) == q for o, q in zip(found, quadrants))
+    return found
+
+
+def check_grid_place(s):
+    color, shape = re.fullmatch(r"Which part of the image is the (\w+) (\w+) in\?", s.question).groups()
+    x, y = the(check_grid(s), color=color, shape=shape)["center"]
+    assert s.answer == f"{'top' if y < 32 else 'bottom'} {'left' if x < 32 else 'right'}"
+
+
+def check_grid_spatial(s):
+    check_grid(s)
+    check_spatial(s)
+
+
 CHECKS = {"count": check_count, "attribute": check_attribute, "spatial": check_spatial, "ocr": check_ocr,
           "chart": check_chart, "grounding": check_grounding, "multi_image": check_multi_image,
-          "video": check_video}
+          "video": check_video, "grid_place": check_grid_place, "grid_spatial": check_grid_spatial}
 
 
 def test_every_task_has_a_check():
-    assert set(CHECKS) == set(TASKS)
+    assert set(CHECKS) == set(TASKS) | set(WARMUPS)
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("task", [*TASKS, *WARMUPS])
 def test_answers_match_pixels(task):
     rng = random.Random(f"check/{task}")
     answers = set()
     for _ in range(N):
-        s = TASKS[task](rng)
+        s = {**TASKS, **WARMUPS}[task](rng)
+        assert s.task == task
         CHECKS[task](s)
         answers.add(s.answer)
         assert all(64 <= side <= 256 for im in s.images for side in im.size)

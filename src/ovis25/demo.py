@@ -17,7 +17,9 @@ needs another `--name`.
 Phases (recipes in recipes/tiny/; `--preset long` takes P2's, P3's and P4's from recipes/long/): P0 language
 pretraining of the from-scratch LLM on the world's text and P0v vision pretraining of the from-scratch visual
 tokenizer on region labels (a real run starts from a pretrained Qwen3 and SigLIP2 instead), P1 VET pretraining
-on captions, P2 multimodal pretraining, P3 instruction tuning with thinking traces, P4 DPO, P5 GRPO.
+on captions, P2 multimodal pretraining, P3 instruction tuning with thinking traces, P4 DPO, P5 GRPO. The long
+preset adds P2a-P2c before P2, the look-ups (`LOOKUP_PHASES`), on a world of their own in `runs/<name>/lookup/`,
+scored on its test questions in `lookup.json`.
 """
 from __future__ import annotations
 
@@ -67,6 +69,12 @@ THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on 
 # with bfloat16 products (autocast), 1017/91. long, bfloat16: 4198/100 with P0v at 3000 steps, which 3000 more
 # lengthen by about 3x P0
 RUN_OVER_P0 = {"tiny": 11, "long": 45}
+# The long preset first learns the look-up that a question about one named object needs, where it is easiest:
+# three phases before P2 (recipes/long/lookup.toml), each one pass over one task of a world of their own
+# (`lookup/`, the run's seed): the named object's place on one-token grids, spatial relations on such grids,
+# then on the demo's scenes (DEMO.md, "Through the grids"). {preset: {phase: (task, questions)}}
+LOOKUP_PHASES = {"long": {"p2a": ("grid_place", 40000), "p2b": ("grid_spatial", 20000), "p2c": ("spatial", 60000)},
+                 "ci": {"p2a": ("grid_place", 24), "p2b": ("grid_spatial", 24), "p2c": ("spatial", 24)}}
 FINGERPRINT = "inputs.sha256"  # in each phase's directory: the phase_fingerprints() entry it was trained from
 
 
@@ -168,8 +176,22 @@ def text_only_dataset(world: Path, seed: int = 0) -> None:
     (world / "datainfo.json").write_text(json.dumps(info, indent=2))
 
 
+def phases(preset: str) -> tuple[str, ...]:
+    """The preset's phases in order: `TRAIN_PHASES`, with its look-up phases before P2."""
+    at = TRAIN_PHASES.index("p2")
+    return TRAIN_PHASES[:at] + tuple(LOOKUP_PHASES.get(preset, {})) + TRAIN_PHASES[at:]
+
+
+def lookup_sizes(preset: str) -> dict:
+    """The look-up world's sizes: each look-up phase's questions, and the preset's test questions per task."""
+    from .synth.build import resolve_sizes
+    return resolve_sizes({"qa": dict(LOOKUP_PHASES[preset].values()), "test": resolve_sizes(preset)["test"]})
+
+
 def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, limit: int | None,
-                   results: dict, run: Path) -> None:
+                   results: dict, run: Path, file: str = "eval.json", answers: str = "answers") -> None:
+    """Greedy answers to `world`'s test questions (thinking off, and on with `thinking`) into `run/<file>`
+    under the phase's name, each answer in `run/<phase>/<answers>[-think].jsonl`."""
     chat = Chat.from_pretrained(model_dir, dtype=torch.float32)
     items = load_items(world / "test.jsonl", world / "images", limit)
     modes = [False, True] if thinking else [False]
@@ -177,9 +199,9 @@ def evaluate_phase(model_dir: Path, world: Path, phase: str, thinking: bool, lim
         summary, rows = evaluate(chat, items, think, max_new_tokens=ANSWER_TOKENS[think], budgets=BUDGETS)
         key = f"{phase}+think" if think else phase
         results[key] = summary
-        (run / phase / f"answers{'-think' if think else ''}.jsonl").write_text(
+        (run / phase / f"{answers}{'-think' if think else ''}.jsonl").write_text(
             "\n".join(json.dumps(r) for r in rows) + "\n")
-    (run / "eval.json").write_text(json.dumps(results, indent=2))
+    (run / file).write_text(json.dumps(results, indent=2))
     if phase in ("p4", "p5"):  # GRPO should raise the reward of what the policy samples, as in its rollouts
         rewards = json.loads((run / "reward.json").read_text()) if (run / "reward.json").exists() else {}
         # a small gain needs many items to show: every test item, not only the greedy tables' share
@@ -194,7 +216,10 @@ class StaleRunError(ValueError):
 
 
 def recipe(preset: str, phase: str) -> Path:
-    """A phase's recipe: the preset's own (recipes/<preset>/<phase>.toml) where it has one, else the tiny one."""
+    """A phase's recipe: the preset's own (recipes/<preset>/<phase>.toml) where it has one, else the tiny one;
+    the look-up phases' is recipes/long/lookup.toml."""
+    if phase in LOOKUP_PHASES.get(preset, {}):
+        return RECIPES.parent / "long" / "lookup.toml"
     own = RECIPES.parent / preset / f"{phase}.toml"
     return own if own.exists() else RECIPES / f"{phase}.toml"
 
@@ -208,14 +233,16 @@ def vision_config(preset: str, overrides: dict) -> VisionPretrainConfig:
 def phase_fingerprints(preset: str, seed: int, overrides: dict, phase_overrides: dict) -> dict[str, str]:
     """Per phase, a hash of everything its checkpoint was trained from: the preset and seed, its recipe (or
     P0v's config) with the overrides, and the phase before it's fingerprint, so a change reaches every later
-    phase."""
+    phase. A look-up phase's includes its task and the look-up world's sizes."""
     fingerprint, out = f"{preset}:{seed}", {}
-    for phase in TRAIN_PHASES:
+    for phase in phases(preset):
         if phase == "p0v":
             inputs = json.dumps(asdict(vision_config(preset, overrides)), sort_keys=True)
         else:
             keys = {k: v for k, v in {**overrides, **phase_overrides.get(phase, {})}.items() if k != "progress"}
             inputs = recipe(preset, phase).read_text() + json.dumps(keys, sort_keys=True)
+            if phase in LOOKUP_PHASES.get(preset, {}):
+                inputs += json.dumps([LOOKUP_PHASES[preset][phase], lookup_sizes(preset)], sort_keys=True)
         fingerprint = out[phase] = hashlib.sha256((fingerprint + "\n" + inputs).encode()).hexdigest()
     return out
 
@@ -224,19 +251,26 @@ def check_resumable(run: Path, preset: str, seed: int, fingerprints: dict[str, s
     """Refuse to resume a run whose world or finished phases came from other inputs (a stale checkpoint would be
     kept silently); with `retrain`, delete the stale phases, which are then trained again."""
     from .synth.build import resolve_sizes
-    manifest = run / "world" / "world.json"
-    if manifest.exists():
+    worlds = [("world", resolve_sizes(preset))]
+    if preset in LOOKUP_PHASES:
+        worlds.append(("lookup", lookup_sizes(preset)))
+    for name, sizes in worlds:
+        manifest = run / name / "world.json"
+        if not manifest.exists():
+            continue
         world = json.loads(manifest.read_text())
-        if world.get("seed") != seed or world.get("sizes") != resolve_sizes(preset):
-            raise StaleRunError(f"{run} holds a world built with seed {world.get('seed')} and sizes {world.get('sizes')},"
-                                f" not seed {seed} with the {preset!r} preset: choose another --name (or delete {run})")
+        if world.get("seed") != seed or world.get("sizes") != sizes:
+            raise StaleRunError(f"{run / name} holds a world built with seed {world.get('seed')} and sizes "
+                                f"{world.get('sizes')}, not seed {seed} with the {preset!r} preset: choose another "
+                                f"--name (or delete {run})")
     # a phase's fingerprint is written when it starts, so an interrupted phase is checked too (its checkpoints
     # would resume); phases trained before fingerprints were written have none and are kept
-    recorded = {p: (run / p / FINGERPRINT).read_text().strip() for p in TRAIN_PHASES if (run / p / FINGERPRINT).exists()}
+    order = list(fingerprints)  # the preset's phases
+    recorded = {p: (run / p / FINGERPRINT).read_text().strip() for p in order if (run / p / FINGERPRINT).exists()}
     stale = [p for p, fingerprint in recorded.items() if fingerprint != fingerprints[p]]
     if not stale:
         return
-    later = TRAIN_PHASES[TRAIN_PHASES.index(stale[0]):]
+    later = order[order.index(stale[0]):]
     if not retrain:
         reach = f" (a change in {stale[0]} reaches every later phase)" if len(later) > 1 else ""
         raise StaleRunError(f"{run}: {', '.join(stale)} trained from another recipe or settings than now{reach}: pass "
@@ -279,6 +313,15 @@ def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_ove
         log.info("building the synthetic world (%s preset) in %s", preset, world)
         build_world(world, seed=seed, sizes=preset, progress=True)
         timings["world"] = time.perf_counter() - t0
+    lookup, lookups = run / "lookup", LOOKUP_PHASES.get(preset, {})
+    if lookups and not (lookup / "world.json").exists():
+        t0 = time.perf_counter()
+        log.info("building the look-up world in %s", lookup)
+        build_world(lookup, seed=seed, sizes=lookup_sizes(preset), tokenizer=False, progress=True,
+                    tasks=[task for task, _ in lookups.values()])
+        timings["world"] = timings.get("world", 0.0) + time.perf_counter() - t0
+    if lookups:
+        task_datasets(lookup)
     text_only_dataset(world, seed)
     task_datasets(world)
     held_pairs = preference_datasets(world)
@@ -287,9 +330,10 @@ def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_ove
         write_model_dir(init, world / "tokenizer", seed=seed)
 
     results = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    lookup_results = json.loads((run / "lookup.json").read_text()) if (run / "lookup.json").exists() else {}
     preference = json.loads((run / "preference.json").read_text()) if (run / "preference.json").exists() else {}
     previous = init
-    for phase in TRAIN_PHASES:
+    for phase in fingerprints:
         t0 = time.perf_counter()
         final = run / phase / "final"
         trained = not (final / "config.json").exists()
@@ -300,9 +344,12 @@ def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_ove
             pretrain_visual_tokenizer(previous, run / phase, seed, vision_config(preset, overrides),
                                       progress=overrides.get("progress", True))
         elif trained:
-            keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{world / "datainfo.json"}"',
-                    f"seed={seed}"] + [f"{k}={json.dumps(v)}" for k, v in
-                                       {**overrides, **phase_overrides.get(phase, {})}.items()]
+            data = lookup if phase in lookups else world
+            keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{data / "datainfo.json"}"',
+                    f"seed={seed}"]
+            if phase in lookups:
+                keys.append(f'datasets=["synth_qa_{lookups[phase][0]}"]')
+            keys += [f"{k}={json.dumps(v)}" for k, v in {**overrides, **phase_overrides.get(phase, {})}.items()]
             train(load_recipe(recipe(preset, phase), keys))
         if trained:
             timings[phase] = time.perf_counter() - t0
@@ -310,7 +357,11 @@ def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_ove
                 log.info("P0 took %.0f s: on this machine the whole demo should take about %.0f minutes",
                          timings[phase], RUN_OVER_P0[preset] * timings[phase] / 60)
         t0 = time.perf_counter()
-        if phase not in ("p0", "p0v"):
+        if phase in lookups:  # on the look-up world's test questions: every look-up's, spatial on scenes included
+            evaluate_phase(final, lookup, phase, False, eval_limit, lookup_results, run, file="lookup.json",
+                           answers="lookup-answers")
+            print(f"\n== after {phase} (look-ups)\n" + format_table(lookup_results))
+        elif phase not in ("p0", "p0v"):
             evaluate_phase(final, world, phase, phase >= THINKING_FROM, eval_limit, results, run)
         if phase in ("p3", "p4"):  # DPO should raise it
             from .model import Ovis
@@ -324,14 +375,14 @@ def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_ove
                 for k, idx in pairs_by_kind(preference[phase]["kinds"]).items()))
             print(f"\n== after {phase}\n" + format_table({k: v for k, v in results.items() if k.startswith(phase)}))
         timings["evaluation"] += time.perf_counter() - t0
-        write_timings(run, timings)
+        write_timings(run, timings, list(fingerprints))
         previous = final
     link = run / "final"  # the last phase's checkpoint, for `ovis25 chat runs/<name>/final`
     if link.is_symlink():
         link.unlink()
     if not link.exists():
         link.symlink_to(previous.resolve(), target_is_directory=True)
-    write_report(run, results, write_timings(run, timings))
+    write_report(run, results, write_timings(run, timings, list(fingerprints)))
     return run
 
 
@@ -345,9 +396,10 @@ def try_it(run: Path) -> str:
             f"\"{question}\"   (answer: {item.answer})")
 
 
-def write_timings(run: Path, timings: dict) -> dict:
-    """`timings.json` in a fixed order, with "total" the sum of the parts -> that dict."""
-    order = ["world", *TRAIN_PHASES, "evaluation"]
+def write_timings(run: Path, timings: dict, order: list[str]) -> dict:
+    """`timings.json` in a fixed order (the world, the phases in `order`, evaluation), with "total" the sum of the
+    parts -> that dict."""
+    order = ["world", *order, "evaluation"]
     ordered = {k: timings[k] for k in order if k in timings}
     ordered["total"] = sum(ordered.values())
     (run / "timings.json").write_text(json.dumps(ordered, indent=2))
@@ -358,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="demo")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "long", "ci"],
-                    help="tiny: the 15-minute demo; long: P2 on 232000 fresh questions (about 80 minutes)")
+                    help="tiny: the 15-minute demo; long: the look-ups on 120000 questions, then P2 on 232000 fresh "
+                         "ones (about 95 minutes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=positive_int, default=GREEDY_ITEMS,
                     help="greedy accuracy on at most this many test items per task (the sampled reward uses all)")

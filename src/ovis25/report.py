@@ -169,6 +169,11 @@ def write_report(run: Path, results: dict, timings: dict) -> Path:
     lines += ["## Accuracy per task (held out)", "",
               "Greedy answers; `constant answer` is what ignoring the image reaches: always the one reference answer "
               "(for boxes, the one box) that scores best on these items.", "", format_table(columns), ""]
+    if (run / "lookup.json").exists():
+        lines += ["## The look-ups (before P2)", "",
+                  "Held-out accuracy on the look-up world's test questions after each look-up phase: the named "
+                  "object's place and spatial relations on one-token grids, and spatial relations on the demo's "
+                  "scenes.", "", format_table(json.loads((run / "lookup.json").read_text())), ""]
     # no constant-answer column: within a category one answer can be right every time (a count's)
     by_category = format_category_table({k: v for k, v in results.items() if not k.endswith("+think")})
     if by_category:

@@ -32,7 +32,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .world import TASKS, Sample, misled_thinking, question_category, thinking, unfaithful_thinking
+from .world import TASKS, WARMUPS, Sample, misled_thinking, question_category, thinking, unfaithful_thinking
 
 SPLITS = ("caption", "qa", "think", "dpo", "grpo", "test")
 CAPTIONED = ("count", "attribute", "spatial", "ocr", "chart", "grounding")  # single-image tasks
@@ -45,6 +45,7 @@ PRESETS = {  # samples per task and split ({task: samples} where tasks differ)
              "qa": {"count": 40000, "attribute": 30000, "spatial": 6000, "ocr": 80000, "chart": 50000,
                     "grounding": 6000, "multi_image": 10000, "video": 10000}},
 }
+DRAWS = {**TASKS, **WARMUPS}  # what a world can hold; by default the tasks
 IMAGE_DIR = "images"
 CAPTION_TEMPLATE = "<image>\nDescribe the image."
 SELF_CORRECT = 1 / 3  # share of thinking traces that catch and fix a slip
@@ -75,9 +76,9 @@ def resolve_sizes(sizes: dict | str) -> dict[str, int | dict[str, int]]:
     for split in SPLITS:
         size = sizes.get(split, 0)
         if isinstance(size, dict):
-            bad = sorted(set(size) - set(TASKS))
+            bad = sorted(set(size) - set(DRAWS))
             if bad:
-                raise ValueError(f"sizes[{split!r}]: unknown task(s) {bad}; tasks are {list(TASKS)}")
+                raise ValueError(f"sizes[{split!r}]: unknown task(s) {bad}; tasks are {list(DRAWS)}")
             resolved[split] = {task: int(n) for task, n in size.items()}
         else:
             resolved[split] = int(size)
@@ -150,10 +151,10 @@ def build_part(tmp: Path, seed: int, split: str, task: str, n: int, avoid: froze
     rng = task_rng(seed, split, task)
     rows, seen, n_images = [], set(), 0
     for i in range(n):
-        sample = TASKS[task](rng)
+        sample = DRAWS[task](rng)
         keys = [fingerprint(im) for im in sample.images]
         while any(k in avoid for k in keys):
-            sample = TASKS[task](rng)
+            sample = DRAWS[task](rng)
             keys = [fingerprint(im) for im in sample.images]
         seen.update(keys)
         sid = f"{split}-{task}-{i:05d}"
@@ -241,13 +242,14 @@ def build_world(out_dir: str | Path, seed: int = 0, sizes: dict | str = "tiny", 
     """Generate every split, write it under `out_dir` (replacing a previous world there) and return the
     manifest that is also written to `out_dir/world.json`. `sizes` is a preset name or {split: samples per
     task}; `tokenizer` also trains the world's BPE into `out_dir/tokenizer`; `tasks` limits the world to
-    those tasks (each task draws from its own stream, so its samples are the same as in a full world);
+    those tasks (each task draws from its own stream, so its samples are the same as in a full world), which
+    may include the warm-ups (`world.WARMUPS`), never drawn by default;
     `workers` processes draw the streams (default: one per CPU; the files are the same for any number)."""
     sizes = resolve_sizes(sizes)
     tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in DRAWS]
     if unknown or not tasks:
-        raise ValueError(f"tasks: unknown or none {unknown or tasks}; tasks are {list(TASKS)}")
+        raise ValueError(f"tasks: unknown or none {unknown or tasks}; tasks are {list(DRAWS)}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "world.json").exists():
         raise FileExistsError(f"{out}: not empty and not a synthetic world; refusing to replace it")

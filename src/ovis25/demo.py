@@ -67,8 +67,9 @@ ANSWER_TOKENS = {False: 32, True: 160}  # new tokens per evaluated answer, think
 THINKING_FROM = "p3"  # thinking traces are learned in P3: evaluate thinking on from there
 # the whole run (world to report) over P0's time. tiny, in fresh runs on three machines: 919/82, 964/93, 1887/159;
 # with bfloat16 products (autocast), 1017/91. long, bfloat16: 4198/100 with P0v at 3000 steps, which 3000 more
-# lengthen by about 3x P0
-RUN_OVER_P0 = {"tiny": 11, "long": 45}
+# lengthen by about 3x P0; with them and the look-ups, 4717 s with a P0 slowed by another job (471 s), 4335/89
+# with the P0 of a clean run on that machine
+RUN_OVER_P0 = {"tiny": 11, "long": 49}
 # The long preset first learns the look-up that a question about one named object needs, where it is easiest:
 # three phases before P2 (recipes/long/lookup.toml), each one pass over one task of a world of their own
 # (`lookup/`, the run's seed): the named object's place on one-token grids, spatial relations on such grids,

@@ -64,17 +64,14 @@ def grounding_with(variant: str):
             image, objs = (grid_scene if rng.random() < GRID_SHARE[variant] else world.scene)(rng, kinds)
         else:
             image, objs = world.scene(rng, rng.sample(world.KINDS, int(variant)))
-        caption, meta = world.scene_caption(objs, image.size), {"target": objs[0].to_dict()}
         if variant in PLACE_VARIANTS:
-            return world.Sample("grounding", [image], PLACE_QUESTION.format(objs[0].name),
-                                world.place_name(objs[0], image.size), "exact", caption=caption,
-                                wrong=world.place_name(objs[1], image.size),
-                                meta=meta | {"objects": [o.to_dict() for o in objs]})
+            return world.place_question("grounding", image, objs)
         box = objs[0].rel_box(*image.size)
         answer = format_box(box)
         return world.Sample("grounding", [image], f"Where is the <ref>{objs[0].name}</ref>?", answer, "iou",
-                            caption=caption, wrong=answer,
-                            meta=meta | {"box": list(box), "objects": [o.to_dict() for o in objs]})
+                            caption=world.scene_caption(objs, image.size), wrong=answer,
+                            meta={"target": objs[0].to_dict(), "box": list(box),
+                                  "objects": [o.to_dict() for o in objs]})
     return draw
 
 

@@ -30,6 +30,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -266,7 +267,7 @@ def check_resumable(run: Path, preset: str, seed: int, fingerprints: dict[str, s
                                 f"--name (or delete {run})")
     # a phase's fingerprint is written when it starts, so an interrupted phase is checked too (its checkpoints
     # would resume); phases trained before fingerprints were written have none and are kept
-    order = list(fingerprints)  # the preset's phases
+    order = phases(preset)
     recorded = {p: (run / p / FINGERPRINT).read_text().strip() for p in order if (run / p / FINGERPRINT).exists()}
     stale = [p for p, fingerprint in recorded.items() if fingerprint != fingerprints[p]]
     if not stale:
@@ -333,8 +334,8 @@ def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_ove
     results = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     lookup_results = json.loads((run / "lookup.json").read_text()) if (run / "lookup.json").exists() else {}
     preference = json.loads((run / "preference.json").read_text()) if (run / "preference.json").exists() else {}
-    previous = init
-    for phase in fingerprints:
+    previous, order = init, phases(preset)
+    for phase in order:
         t0 = time.perf_counter()
         final = run / phase / "final"
         trained = not (final / "config.json").exists()
@@ -345,11 +346,11 @@ def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_ove
             pretrain_visual_tokenizer(previous, run / phase, seed, vision_config(preset, overrides),
                                       progress=overrides.get("progress", True))
         elif trained:
-            data = lookup if phase in lookups else world
+            data, datasets = world, []
+            if phase in lookups:  # its task's questions of the look-up world
+                data, datasets = lookup, [f'datasets=["synth_qa_{lookups[phase][0]}"]']
             keys = [f'init="{previous}"', f'out_dir="{run / phase}"', f'datainfo="{data / "datainfo.json"}"',
-                    f"seed={seed}"]
-            if phase in lookups:
-                keys.append(f'datasets=["synth_qa_{lookups[phase][0]}"]')
+                    f"seed={seed}", *datasets]
             keys += [f"{k}={json.dumps(v)}" for k, v in {**overrides, **phase_overrides.get(phase, {})}.items()]
             train(load_recipe(recipe(preset, phase), keys))
         if trained:
@@ -376,14 +377,14 @@ def run_curriculum(run: Path, preset: str, seed: int, overrides: dict, phase_ove
                 for k, idx in pairs_by_kind(preference[phase]["kinds"]).items()))
             print(f"\n== after {phase}\n" + format_table({k: v for k, v in results.items() if k.startswith(phase)}))
         timings["evaluation"] += time.perf_counter() - t0
-        write_timings(run, timings, list(fingerprints))
+        write_timings(run, timings, order)
         previous = final
     link = run / "final"  # the last phase's checkpoint, for `ovis25 chat runs/<name>/final`
     if link.is_symlink():
         link.unlink()
     if not link.exists():
         link.symlink_to(previous.resolve(), target_is_directory=True)
-    write_report(run, results, write_timings(run, timings, list(fingerprints)))
+    write_report(run, results, write_timings(run, timings, order))
     return run
 
 
@@ -397,7 +398,7 @@ def try_it(run: Path) -> str:
             f"\"{question}\"   (answer: {item.answer})")
 
 
-def write_timings(run: Path, timings: dict, order: list[str]) -> dict:
+def write_timings(run: Path, timings: dict, order: Sequence[str]) -> dict:
     """`timings.json` in a fixed order (the world, the phases in `order`, evaluation), with "total" the sum of the
     parts -> that dict."""
     order = ["world", *order, "evaluation"]
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="demo")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "long", "ci"],
                     help="tiny: the 15-minute demo; long: the look-ups on 120000 questions, then P2 on 232000 fresh "
-                         "ones (about 95 minutes)")
+                         "ones (about 75 minutes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=positive_int, default=GREEDY_ITEMS,
                     help="greedy accuracy on at most this many test items per task (the sampled reward uses all)")

@@ -461,13 +461,17 @@ TASKS = {"count": count, "attribute": attribute, "spatial": spatial, "ocr": ocr,
 PLACE_QUESTION = "Which part of the image is the {} in?"
 
 
-def grid_place(rng: random.Random) -> Sample:
-    """Where is the named object of a one-token grid (2-4 objects)? One of the four corners' place names."""
-    image, objs = grid_scene(rng, rng.sample(KINDS, rng.randint(2, 4)))
+def place_question(task: str, image: Image.Image, objs: list[Obj]) -> Sample:
+    """Which part of `image` is its first object in? The second's place is the plausible wrong answer."""
     target = objs[0]
-    return Sample("grid_place", [image], PLACE_QUESTION.format(target.name), place_name(target, image.size), "exact",
+    return Sample(task, [image], PLACE_QUESTION.format(target.name), place_name(target, image.size), "exact",
                   caption=scene_caption(objs, image.size), wrong=place_name(objs[1], image.size),
                   meta={"target": target.to_dict(), "objects": [o.to_dict() for o in objs]})
+
+
+def grid_place(rng: random.Random) -> Sample:
+    """Where is the named object of a one-token grid (2-4 objects)? One of the four corners' place names."""
+    return place_question("grid_place", *grid_scene(rng, rng.sample(KINDS, rng.randint(2, 4))))
 
 
 def grid_spatial(rng: random.Random) -> Sample:

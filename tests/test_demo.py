@@ -17,6 +17,7 @@ from ovis25 import Ovis, Processor
 from ovis25.chat import Chat
 from ovis25.cli import main as cli_main
 from ovis25.demo import TRAIN_PHASES, StaleRunError, phases, run_demo, try_it
+from ovis25.grounding import format_box
 from ovis25.synth.build import CAPTIONED
 from ovis25.synth.regions import CLASS, CLASSES
 from ovis25.synth.world import SHAPES
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import attribute_lookup  # noqa: E402  (benchmarks/attribute_lookup.py)
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
 import demo_curves  # noqa: E402  (benchmarks/demo_curves.py)
+import grounding_lookup  # noqa: E402  (benchmarks/grounding_lookup.py)
 import grounding_selection  # noqa: E402  (benchmarks/grounding_selection.py)
 import recall  # noqa: E402  (benchmarks/recall.py)
 import targets  # noqa: E402  (benchmarks/targets.py)
@@ -124,6 +126,26 @@ def test_demo_pipeline_wiring(tmp_path, monkeypatch):
         s = scored[name]
         assert 0 <= s["accuracy"] <= 1 and 0 < s["n"] <= 5 and s["world_test_n"] <= 3, name  # the ci world holds 3
         assert s["met"] == (s["accuracy"] >= threshold), name
+        assert ("mean_iou" in s) == (task == "grounding"), name
+    assert scored["grounding"]["accuracy"] <= 2 * scored["grounding"]["mean_iou"]  # each hit adds at least 0.5
+    # the grounding look-up benchmark trains P2c's recipe on grounding from a checkpoint and scores each box by the
+    # object it fits: the test scenes drawn again hold the named object first, the world's answer
+    monkeypatch.setattr(grounding_lookup, "RESULTS", tmp_path)
+    grounding_lookup.main(["--models", f"p1={run / 'p1' / 'final'}", "--questions", "8", "--test", "4",
+                           "--work", str(tmp_path / "grounding_lookup")])
+    scored = json.loads((tmp_path / "grounding_lookup.json").read_text())["results"]["p1"]
+    assert json.loads((tmp_path / "grounding_lookup" / "p1" / "config.json").read_text())["datasets"] == \
+        ["synth_qa_grounding"]
+    assert scored["named"] == scored["hit"] <= 2 * scored["mean_iou"] and 0 <= scored["another"] <= 1
+    answers = [json.loads(line)["answer"] for line in (tmp_path / "grounding_lookup" / "world" / "test.jsonl")
+               .read_text().splitlines()]
+    objects = grounding_lookup.held_out_objects(0, 4, answers)
+    assert [format_box(boxes[0]) for boxes in objects] == answers and all(len(b) >= 2 for b in objects)
+    assert grounding_lookup.fits([{"response": a} for a in answers], objects) == {"named": 1.0, "another": 0.0}
+    others = [{"response": format_box(boxes[1])} for boxes in objects]
+    assert grounding_lookup.fits(others, objects) == {"named": 0.0, "another": 1.0}
+    with pytest.raises(RuntimeError, match="test item 0"):
+        grounding_lookup.held_out_objects(0, 1, ["<box>(0.000,0.000),(0.500,0.500)</box>"])
     # the context-reading probe runs on P0's LLM: every captioned task, its kinds adding up to the task
     items, kinds = context_reading.questions(3, seed=0)
     assert all(len(it.conversations[0]["value"].split("\n")) == 2 and not it.images for it in items)  # caption, question
@@ -581,7 +603,7 @@ def test_demo_curves_train_tasks_together_weighed_as_the_demos_p2(tmp_path, monk
 
 def test_targets_score_with_standard_errors_and_the_worlds_own_items_apart():
     rows = [{"id": f"test-ocr-{i:05d}", "task": "ocr", "category": "number of 2" if i % 2 else "word of 3",
-             "score": float(i % 4 != 1)} for i in range(400)]  # numbers: every other one right
+             "metric": "exact", "score": float(i % 4 != 1)} for i in range(400)]  # numbers: every other one right
     s = targets.score_target(rows, "ocr", "number", 0.9, 200)
     assert s["n"] == 200 and s["accuracy"] == 0.5 and s["se"] == pytest.approx((0.25 / 200) ** 0.5)
     assert s["world_test_n"] == 100 and s["world_test"] == 0.5 and not s["met"] and s["clearly_short"]
@@ -590,3 +612,9 @@ def test_targets_score_with_standard_errors_and_the_worlds_own_items_apart():
     assert words["accuracy"] == 1.0 and words["clearly"] and targets.verdict(words) == "clearly met"
     near = targets.score_target([{**r, "score": float(i % 10 != 0)} for i, r in enumerate(rows)], "ocr", "", 0.9, 200)
     assert near["met"] and not near["clearly"] and targets.verdict(near) == "met"
+    # grounding: a hit is a box at IoU >= 0.5, the mean IoU beside it
+    boxes = [{"id": f"test-grounding-{i:05d}", "task": "grounding", "metric": "iou", "score": iou}
+             for i, iou in enumerate([0.9, 0.5, 0.49, 0.1])]
+    s = targets.score_target(boxes, "grounding", "", 0.5, 2)
+    assert s["accuracy"] == 0.5 and s["mean_iou"] == pytest.approx(0.4975) and s["world_test"] == 1.0 and s["met"]
+    assert "mean_iou" not in words

@@ -24,6 +24,7 @@ from ovis25.synth.world import SHAPES
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import attribute_lookup  # noqa: E402  (benchmarks/attribute_lookup.py)
+import chart_sums  # noqa: E402  (benchmarks/chart_sums.py)
 import context_reading  # noqa: E402  (benchmarks/context_reading.py)
 import demo_curves  # noqa: E402  (benchmarks/demo_curves.py)
 import grounding_lookup  # noqa: E402  (benchmarks/grounding_lookup.py)
@@ -146,6 +147,21 @@ def test_demo_pipeline_wiring(tmp_path, monkeypatch):
     assert grounding_lookup.fits(others, objects) == {"named": 0.0, "another": 1.0}
     with pytest.raises(RuntimeError, match="test item 0"):
         grounding_lookup.held_out_objects(0, 1, ["<box>(0.000,0.000),(0.500,0.500)</box>"])
+    # the chart-sums benchmark: text sums, half of them a chart's caption, each answer the sum of the values named;
+    # charts alone and with the sums mixed in, each scored by kind of chart question and on text sums
+    for question, answer in chart_sums.text_sums(0, "train", 20):
+        *caption, ask = question.split("\n")
+        values = dict(pair.split(" is ") for pair in caption[0].split(": ")[1].split(", ")) if caption else {}
+        p, q = re.fullmatch(r"What is (\w) plus (\w)\?", ask).groups()
+        assert int(answer) == sum(int(values.get(k, k)) for k in (p, q)), question
+    monkeypatch.setattr(chart_sums, "RESULTS", tmp_path)
+    chart_sums.main(["--init", str(run / "p1" / "final"), "--questions", "6", "--sums", "6", "--test", "3",
+                     "--work", str(tmp_path / "chart_sums")])
+    scored = json.loads((tmp_path / "chart_sums.json").read_text())["results"]
+    assert list(scored) == ["before", "charts", "charts + sums"]
+    assert all(0 <= v["text sums"] <= 1 and 0 <= v["chart"] <= 1 for v in scored.values())
+    assert json.loads((tmp_path / "chart_sums" / "charts_sums" / "config.json").read_text())["datasets"] == \
+        ["synth_qa_chart", "synth_text_sums"]
     # the context-reading probe runs on P0's LLM: every captioned task, its kinds adding up to the task
     items, kinds = context_reading.questions(3, seed=0)
     assert all(len(it.conversations[0]["value"].split("\n")) == 2 and not it.images for it in items)  # caption, question

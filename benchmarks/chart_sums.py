@@ -23,17 +23,15 @@ from pathlib import Path
 import torch
 
 from ovis25.chat import Chat
-from ovis25.demo import ANSWER_TOKENS, BUDGETS, recipe, task_datasets
+from ovis25.demo import ANSWER_TOKENS, BUDGETS
 from ovis25.eval import EvalItem, evaluate, load_items, summarize
-from ovis25.synth import build_world
 from ovis25.synth.build import task_rng
 from ovis25.synth.world import TASKS
-from ovis25.train import load_recipe, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, table  # noqa: E402
+from common import machine, one_task_world, table, train_lookup  # noqa: E402
 
 
 def text_sums(seed: int, split: str, n: int) -> list[tuple[str, str]]:
@@ -73,11 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "chart_sums")
     ap.add_argument("--out", default="chart_sums")
     args = ap.parse_args(argv)
-    world = args.work / "world"
-    if not (world / "world.json").exists():
-        sizes = {"qa": {"chart": args.questions}, "test": {"chart": args.test}}
-        build_world(world, seed=args.seed, sizes=sizes, tokenizer=False, progress=True, tasks=["chart"])
-    task_datasets(world)
+    world = one_task_world(args.work / "world", "chart", args.questions, args.test, args.seed)
     add_sums_dataset(world, args.seed, args.sums)
     charts = load_items(world / "test.jsonl", world / "images")
     sums = [EvalItem(f"sum-{i}", "text sum", [{"from": "human", "value": q}], [], None, a, "number")
@@ -85,14 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     variants = {"before": None, "charts": ["synth_qa_chart"], "charts + sums": ["synth_qa_chart", "synth_text_sums"]}
     results = {}
     for name, datasets in variants.items():
-        model = args.init
-        if datasets:
-            out = args.work / name.replace(" + ", "_")
-            model = out / "final"
-            if not (model / "config.json").exists():
-                keys = [f'init="{args.init}"', f'out_dir="{out}"', f"seed={args.seed}",
-                        f'datainfo="{world / "datainfo.json"}"', f"datasets={json.dumps(datasets)}"]
-                train(load_recipe(recipe("long", "p2c"), keys))
+        model = train_lookup(args.init, args.work / name.replace(" + ", "_"), world, datasets, args.seed) \
+            if datasets else args.init
         chat = Chat.from_pretrained(model, dtype=torch.float32)
         chart = summarize(evaluate(chat, charts, False, ANSWER_TOKENS[False], budgets=BUDGETS)[1], False)["chart"]
         text = summarize(evaluate(chat, sums, False, ANSWER_TOKENS[False])[1], False)["text sum"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import platform
 import resource
@@ -210,3 +211,27 @@ def verdict(met: bool, target: str, why: str = "", parity: bool = False) -> str:
     up), or missed; with why when not met."""
     label = "met" if met else "at parity, within noise" if parity else "missed"
     return f"**Target {label}:** {target}." + ("" if met or not why else f" Why: {why}")
+
+
+def one_task_world(path: Path, task: str, questions: int, test: int, seed: int) -> Path:
+    """A synthetic world of one task at `path` (built once): `questions` to train on, `test` held out, the task's
+    questions also a dataset of their own (`synth_qa_<task>`) -> its path."""
+    from ovis25.demo import task_datasets
+    from ovis25.synth import build_world
+    if not (path / "world.json").exists():
+        sizes = {"qa": {task: questions}, "test": {task: test}}
+        build_world(path, seed=seed, sizes=sizes, tokenizer=False, progress=True, tasks=[task])
+    task_datasets(path)
+    return path
+
+
+def train_lookup(init: Path | str, out: Path, world: Path, datasets: list[str], seed: int) -> Path:
+    """One pass of the long preset's look-up recipe (recipes/long/lookup.toml) from `init` over `world`'s
+    `datasets`, into `out` unless trained there already -> the final checkpoint."""
+    from ovis25.demo import recipe
+    from ovis25.train import load_recipe, train
+    if not (out / "final" / "config.json").exists():
+        train(load_recipe(recipe("long", "p2c"), [f'init="{init}"', f'out_dir="{out}"', f"seed={seed}",
+                                                  f'datainfo="{world / "datainfo.json"}"',
+                                                  f"datasets={json.dumps(datasets)}"]))
+    return out / "final"

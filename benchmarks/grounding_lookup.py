@@ -22,18 +22,16 @@ from pathlib import Path
 import torch
 
 from ovis25.chat import Chat
-from ovis25.demo import ANSWER_TOKENS, BUDGETS, recipe, task_datasets
+from ovis25.demo import ANSWER_TOKENS, BUDGETS
 from ovis25.eval import evaluate, load_items, summarize
 from ovis25.grounding import Box, format_box, parse_boxes
-from ovis25.synth import build_world
 from ovis25.synth.build import DRAWS, task_rng
 from ovis25.synth.world import Obj
-from ovis25.train import load_recipe, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, table  # noqa: E402
+from common import machine, one_task_world, table, train_lookup  # noqa: E402
 
 
 def held_out_objects(seed: int, n: int, answers: list[str]) -> list[list[Box]]:
@@ -69,21 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "grounding_lookup")
     ap.add_argument("--out", default="grounding_lookup")
     args = ap.parse_args(argv)
-    world = args.work / "world"
-    if not (world / "world.json").exists():
-        sizes = {"qa": {"grounding": args.questions}, "test": {"grounding": args.test}}
-        build_world(world, seed=args.seed, sizes=sizes, tokenizer=False, progress=True, tasks=["grounding"])
-    task_datasets(world)
+    world = one_task_world(args.work / "world", "grounding", args.questions, args.test, args.seed)
     items = load_items(world / "test.jsonl", world / "images")
     objects = held_out_objects(args.seed, len(items), [it.answer for it in items])
     results = {}
     for name, init in dict(m.split("=", 1) for m in args.models).items():
-        out = args.work / name
-        if not (out / "final" / "config.json").exists():
-            train(load_recipe(recipe("long", "p2c"), [f'init="{init}"', f'out_dir="{out}"', f"seed={args.seed}",
-                                                      f'datainfo="{world / "datainfo.json"}"',
-                                                      'datasets=["synth_qa_grounding"]']))
-        chat = Chat.from_pretrained(out / "final", dtype=torch.float32)
+        model = train_lookup(init, args.work / name, world, ["synth_qa_grounding"], args.seed)
+        chat = Chat.from_pretrained(model, dtype=torch.float32)
         _, rows = evaluate(chat, items, False, max_new_tokens=ANSWER_TOKENS[False], budgets=BUDGETS)
         summary = summarize(rows, False)["grounding"]
         results[name] = {"init": init, "hit": summary["accuracy"], "mean_iou": summary["mean_iou"],

@@ -40,10 +40,10 @@ def text_sums(seed: int, split: str, n: int) -> list[tuple[str, str]]:
     rng, out = task_rng(seed, f"sums-{split}", "chart"), []
     while len(out) < n:
         sample = TASKS["chart"](rng)
-        if "plus" not in sample.question:
+        if sample.meta["kind"] != "sum":
             continue
         if len(out) % 2:
-            values = dict(pair.split(" is ") for pair in sample.caption.split(": ", 1)[1].split(", "))
+            values = dict(zip(sample.meta["labels"], sample.meta["values"]))
             p, q = sample.question.removeprefix("What is ").removesuffix("?").split(" plus ")
             out.append((f"What is {values[p]} plus {values[q]}?", sample.answer))
         else:

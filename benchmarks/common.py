@@ -228,10 +228,10 @@ def one_task_world(path: Path, task: str, questions: int, test: int, seed: int) 
 def train_lookup(init: Path | str, out: Path, world: Path, datasets: list[str], seed: int) -> Path:
     """One pass of the long preset's look-up recipe (recipes/long/lookup.toml) from `init` over `world`'s
     `datasets`, into `out` unless trained there already -> the final checkpoint."""
-    from ovis25.demo import recipe
+    from ovis25.demo import RECIPES
     from ovis25.train import load_recipe, train
     if not (out / "final" / "config.json").exists():
-        train(load_recipe(recipe("long", "p2c"), [f'init="{init}"', f'out_dir="{out}"', f"seed={seed}",
-                                                  f'datainfo="{world / "datainfo.json"}"',
-                                                  f"datasets={json.dumps(datasets)}"]))
+        keys = [f'init="{init}"', f'out_dir="{out}"', f"seed={seed}", f'datainfo="{world / "datainfo.json"}"',
+                f"datasets={json.dumps(datasets)}"]
+        train(load_recipe(RECIPES.parent / "long" / "lookup.toml", keys))
     return out / "final"

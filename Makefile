@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  # options of python -m ovis25.demo go in ARGS, e.g. make demo ARGS="--seed 1 --name seed1"
 	$(PY) -m ovis25.demo $(ARGS)
 
-# the demo at the size its targets need: the look-ups, then P2 on 232000 fresh questions, about 75 minutes here;
+# the demo at the size its targets need: the look-ups, then P2 on 252000 fresh questions, about 76 minutes here;
 # 200 test questions a task
 demo-long: $(STAMP)
 	$(PY) -m ovis25.demo --preset long --name long --eval-limit 200 $(ARGS)

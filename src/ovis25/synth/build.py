@@ -42,7 +42,7 @@ PRESETS = {  # samples per task and split ({task: samples} where tasks differ)
     # `make demo-long`: P2 passes once over fresh questions, as many per task as its target needs alone
     # (DEMO.md, "How far this size goes"); spatial and grounding, which no budget taught, a few thousand
     "long": {"caption": 400, "think": 120, "dpo": 300, "grpo": 300, "test": 200,
-             "qa": {"count": 40000, "attribute": 30000, "spatial": 6000, "ocr": 80000, "chart": 50000,
+             "qa": {"count": 40000, "attribute": 30000, "spatial": 6000, "ocr": 80000, "chart": 70000,
                     "grounding": 6000, "multi_image": 10000, "video": 10000}},
 }
 DRAWS = {**TASKS, **WARMUPS}  # what a world can hold; by default the tasks

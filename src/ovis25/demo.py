@@ -409,11 +409,14 @@ def write_timings(run: Path, timings: dict, order: Sequence[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .synth.build import PRESETS
+
+    lookups = sum(n for _, n in LOOKUP_PHASES["long"].values())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="demo")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "long", "ci"],
-                    help="tiny: the 15-minute demo; long: the look-ups on 120000 questions, then P2 on 252000 fresh "
-                         "ones (about 76 minutes)")
+                    help=f"tiny: the 15-minute demo; long: the look-ups on {lookups} questions, then P2 on "
+                         f"{sum(PRESETS['long']['qa'].values())} fresh ones (about 76 minutes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=positive_int, default=GREEDY_ITEMS,
                     help="greedy accuracy on at most this many test items per task (the sampled reward uses all)")

@@ -40,7 +40,8 @@ PRESETS = {  # samples per task and split ({task: samples} where tasks differ)
     "ci": {"caption": 3, "qa": 4, "think": 3, "dpo": 2, "grpo": 2, "test": 3},
     "tiny": {"caption": 400, "qa": 3000, "think": 120, "dpo": 300, "grpo": 300, "test": 200},
     # `make demo-long`: P2 passes once over fresh questions, as many per task as its target needs alone
-    # (DEMO.md, "How far this size goes"); spatial and grounding, which no budget taught, a few thousand
+    # (DEMO.md, "How far this size goes"), chart 20000 more, which its sums need in the mix (recipes/long/p2.toml);
+    # spatial and grounding, which no budget taught, a few thousand
     "long": {"caption": 400, "think": 120, "dpo": 300, "grpo": 300, "test": 200,
              "qa": {"count": 40000, "attribute": 30000, "spatial": 6000, "ocr": 80000, "chart": 70000,
                     "grounding": 6000, "multi_image": 10000, "video": 10000}},
